@@ -1,0 +1,415 @@
+"""envs.py against the specs: concrete strings, progression, success, seeding, bad input."""
+import hashlib
+import json
+import random
+import subprocess
+import sys
+from collections import deque
+
+import numpy as np
+import pytest
+
+import envs
+from envs import make_env, nle_language
+
+ROOT = envs.DATA_DIR.parent
+
+
+# ---------------------------------------------------------------- Crafter ---------------------
+
+def test_crafter_first_observation_seed_42():
+    env = make_env("crafter", seed=42)
+    obs = env.reset()
+    assert obs["long_term_context"] == (
+        "You see:\n- grass 1 step to your west\n- tree 5 steps to your north-east\n\n"
+        "You face grass at your front.")
+    assert obs["short_term_context"] == (
+        "Your status:\n- health: 9/9\n- food: 9/9\n- drink: 9/9\n- energy: 9/9\n\n"
+        "You have nothing in your inventory.")
+    assert obs["text"] == obs["long_term_context"] + "\n\n" + obs["short_term_context"]
+    assert env.frame.shape == (256, 256, 3)
+    assert len(env.actions) == 17 and env.default_action == "Noop"
+    assert "collect diamond" in env.instruction and "22 achievements" in env.instruction
+
+
+NAMES = ["None", "water", "grass", "stone", "path", "sand", "tree", "lava", "coal", "iron",
+         "diamond", "table", "furnace", "player", "cow", "zombie", "skeleton", "arrow", "plant"]
+N = {n: i for i, n in enumerate(NAMES)}
+
+
+def scene(cells, facing=(0, 1), **state):
+    sem = np.full((64, 64), N["grass"])
+    for (x, y), name in cells.items():
+        sem[x, y] = N[name]
+    sem[30, 30] = N["player"]
+    return envs.crafter_scene(sem, (30, 30), facing, NAMES, N["player"], **state)
+
+
+def test_crafter_scene_items_ties_and_facing():
+    text = scene({(31, 30): "tree", (33, 30): "tree", (29, 29): "cow", (31, 31): "stone",
+                  (30, 32): "water", (32, 30): "water", (26, 27): "zombie", (34, 33): "iron"},
+                 facing=(1, 0))
+    # x-major scan from (26, 27), the zombie's cell; names keep the order first met even when
+    # a closer cell replaces the location (grass); ties keep the first (water south, not east).
+    assert text == (
+        "You see:\n"
+        "- zombie 7 steps to your north-west\n"
+        "- grass 1 step to your west\n"
+        "- cow 2 steps to your north-west\n"
+        "- water 2 steps to your south\n"
+        "- tree 1 step to your east\n"
+        "- stone 2 steps to your south-east\n"
+        "- iron 7 steps to your south-east\n\n"
+        "You face tree at your front.")
+
+
+def test_crafter_scene_sleeping_dead_and_empty():
+    sem = np.full((64, 64), N["player"])
+    only_player = envs.crafter_scene(sem, (30, 30), (0, 1), NAMES, N["player"], sleeping=True)
+    # BALROG ends the state line with a blank line and joins blocks with another: 4 newlines
+    assert only_player == ("You are sleeping, and will not be able take actions until energy "
+                           "is full.\n\n\n\nYou see nothing away from you.\n\nYou face player at your front.")
+    assert scene({}, dead=True).startswith("You died.\n\n\n\nYou see:\n- grass 1 step")
+    # at the map's west edge the window slice is empty: nothing seen, nothing faced
+    sem = np.full((64, 64), N["grass"])
+    assert envs.crafter_scene(sem, (2, 30), (-1, 0), NAMES, N["player"]) == \
+        "You see nothing away from you.\n\nYou face nothing at your front."
+
+
+def test_crafter_inventory_text():
+    inv = {"health": 7, "food": 5, "drink": 9, "energy": 2, "sapling": 1, "wood": 3, "stone": 0,
+           "wood_pickaxe": 1}
+    assert envs.crafter_body(inv) == (
+        "Your status:\n- health: 7/9\n- food: 5/9\n- drink: 9/9\n- energy: 2/9\n\n"
+        "Your inventory:\n- sapling: 1\n- wood: 3\n- wood_pickaxe: 1")
+
+
+def test_crafter_actions_progression_and_invalid():
+    env = make_env("crafter", seed=1)
+    env.reset()
+    _, _, _, info = env.step("  move   WEST ")
+    assert info["valid"] and info["executed_action"] == "Move West"
+    _, _, _, info = env.step("make_wood_pickaxe")
+    assert info["valid"] and info["executed_action"] == "Make Wood Pickaxe"
+    _, _, done, info = env.step("dance wildly")
+    assert not info["valid"] and info["executed_action"] == "Noop" and not done
+    player = env._env._player
+    player.achievements["collect_wood"] = 2
+    player.achievements["place_table"] = 1
+    _, _, _, info = env.step("Noop")
+    assert info["progression"] == pytest.approx(2 / 22)
+    assert info["unlocked"] == ["collect_wood", "place_table"]
+
+
+def test_crafter_step_cap():
+    env = make_env("crafter", seed=3, max_steps=5)
+    env.reset()
+    dones = [env.step("Noop")[2] for _ in range(5)]
+    assert dones == [False] * 4 + [True]
+
+
+# ---------------------------------------------------------------- NetHack text ----------------
+
+@pytest.mark.parametrize("dx,dy,expected", [
+    (5, 2, ("near", "eastnortheast")), (-1, 3, ("near", "northnorthwest")),
+    (3, 3, ("near", "northeast")), (0, -4, ("near", "south")), (1, 0, ("adjacent", "east")),
+    (-2, -2, ("very near", "southwest")), (-19, 1, ("far", "westnorthwest")),
+    (0, 20, ("very far", "north")), (6, -7, ("far", "southsoutheast")),
+])
+def test_distance_direction(dx, dy, expected):
+    assert envs.distance_direction(dx, dy) == expected
+
+
+@pytest.mark.parametrize("noun,plural", [
+    ("newt", "newts"), ("jackal", "jackals"), ("pair of boots", "pair of boots"),
+    ("iron bars", "iron bars"), ("ice", "area of ice"), ("lava", "area of lava"),
+    ("can of grease", "cans of grease"), ("scroll labeled FOO", "scrolls labeled FOO"),
+    ("boom left", "booms left"), ("unknown creature causing you worry",
+                                  "unknown creatures causing you worry"),
+    ("fly", "flies"), ("monkey", "monkeys"), ("fox", "foxes"), ("grass", "grasses"),
+    ("dwarf", "dwarves"), ("staff", "staves"), ("wolf", "wolves"), ("bench", "benches"),
+    ("dark area", "dark areas"), ("lens", "lenses"), ("contact lenses", "contact lenses"),
+])
+def test_pluralize(noun, plural):
+    assert envs.pluralize(noun) == plural
+
+
+def _glyph_ids():
+    import nle.nethack as nh
+    mon = {nh.permonst(i).mname: i for i in range(nh.NUMMONS)}
+    obj = {nh.objdescr.from_idx(i).oc_name: i for i in range(nh.NUM_OBJECTS)}
+    cmap = json.loads((envs.DATA_DIR / "nle_glyph_names.json").read_text())["cmap"]
+    return nh, mon, obj, {name: nh.GLYPH_CMAP_OFF + i for i, name in enumerate(cmap[:87])}
+
+
+def crafted_nle_obs():
+    nh, mon, obj, cm = _glyph_ids()
+    glyphs = np.full((21, 79), cm["room floor"], dtype=np.int16)
+    put = lambda x, y, g: glyphs.__setitem__((y, x), g)  # noqa: E731
+    put(10, 10, nh.GLYPH_MON_OFF + mon["human"])           # the player
+    put(12, 10, nh.GLYPH_MON_OFF + mon["newt"])
+    put(20, 10, nh.GLYPH_MON_OFF + mon["newt"])
+    put(21, 10, nh.GLYPH_MON_OFF + mon["newt"])
+    put(20, 3, nh.GLYPH_MON_OFF + mon["newt"])
+    put(9, 7, nh.GLYPH_PET_OFF + mon["kitten"])
+    put(15, 10, cm["fountain"])
+    put(15, 11, cm["fountain"])
+    put(13, 10, cm["vertical wall"])                      # stops the east ray
+    put(10, 13, cm["dark area"])                          # stops the south ray
+    for x, y in ((11, 9), (11, 11), (9, 11)):
+        put(x, y, nh.GLYPH_OBJ_OFF + obj["arrow"])
+    blstats = np.zeros(27, dtype=np.int64)
+    blstats[[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,
+             23, 24, 25, 26]] = [10, 10, 18, 17, 8, 10, 9, 14, 17, 12, 14, 16, 2, 35, 5, 6, 3,
+                                 0, 2, 21, 1234, 2, 1, 0, 2,
+                                 nh.BL_MASK_BLIND | nh.BL_MASK_CONF | nh.BL_MASK_STONE, -1]
+    tty = np.full((24, 80), ord(" "), dtype=np.uint8)
+    inv_strs = np.zeros((55, 80), dtype=np.uint8)
+    inv_letters = np.zeros(55, dtype=np.uint8)
+    for i, (letter, item) in enumerate([("a", "a +1 long sword (weapon in hand)"),
+                                        ("b", "12 uncursed apples")]):
+        inv_letters[i] = ord(letter)
+        inv_strs[i, :len(item)] = np.frombuffer(item.encode(), dtype=np.uint8)
+    return {"glyphs": glyphs, "blstats": blstats, "tty_chars": tty,
+            "tty_cursor": np.array([11, 10]), "inv_strs": inv_strs, "inv_letters": inv_letters}
+
+
+def test_language_observation_grouping_sorting_and_rays():
+    text = nle_language(crafted_nle_obs())["text_glyphs"]
+    assert text == "\n".join([
+        "newt far eastnortheast",
+        "newts far east",
+        "fountain near east and eastsoutheast",
+        "vertical wall near east",
+        "dark area near south",
+        "tame kitten near northnorthwest",
+        "newt very near east",
+        "arrow adjacent northeast, southeast, and southwest",
+    ])
+
+
+def test_cursor_statistics_inventory():
+    obs = crafted_nle_obs()
+    lang = nle_language(obs)
+    assert lang["text_cursor"] == "Yourself a human"
+    obs["tty_cursor"] = np.array([11, 12])
+    assert nle_language(obs)["text_cursor"] == "very near east newt"
+    obs["tty_cursor"] = np.array([0, 5])  # on the message line: no map cell
+    assert nle_language(obs)["text_cursor"] == ""
+    assert lang["text_blstats"] == "\n".join([
+        "Strength: 17/18", "Dexterity: 8", "Constitution: 10", "Intelligence: 9", "Wisdom: 14",
+        "Charisma: 17", "Depth: 2", "Gold: 35", "HP: 14/16", "Energy: 5/6", "AC: 3",
+        "XP: 2/21", "Time: 1234", "Position: 10|10", "Hunger: Hungry", "Monster Level: 0",
+        "Encumbrance: Burdened", "Dungeon Number: 0", "Level Number: 2", "Score: 12",
+        "Alignment: Chaotic", "Condition: Confused Blind Stoned"])
+    assert lang["text_inventory"] == "a: a +1 long sword (weapon in hand)\nb: 12 uncursed apples"
+
+
+def _tty(*rows, width=80):
+    tty = np.full((24, width), ord(" "), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        tty[i, :len(row)] = np.frombuffer(row.encode("latin-1"), dtype=np.uint8)
+    return tty
+
+
+def test_message_rules():
+    msg = envs.text_message
+    assert msg(_tty("")) == ""
+    assert msg(_tty("Hello Agent, welcome to NetHack!  You are a lawful human Knight.")) == \
+        "Hello Agent, welcome to NetHack!  You are a lawful human Knight."
+    # multi-row, page ends with --More--, blank rows skipped, read from the first row's indent
+    assert msg(_tty("   You kill the newt!", "", "   The jackal bites!--More--", "   ignored")) == \
+        "You kill the newt!\nThe jackal bites!--More--"
+    assert msg(_tty(" Things that are here:", " a dagger", " (1 of 2)")) == \
+        "Things that are here:\na dagger\n(1 of 2)"
+    assert msg(_tty(" A list", " (end)")) == "A list\n(end)"
+    # no page end: only the first row
+    assert msg(_tty("You see here a scroll.", "second row")) == "You see here a scroll."
+    # the trim quirk: a row whose only character is its last one trims to empty
+    assert msg(_tty(" " * 79 + "x")) == ""
+    assert msg(_tty("\x1a  You hear a door open. \x1a")) == "You hear a door open."
+
+
+def test_hybrid_layout_on_real_game():
+    env = make_env("nle", seed=7)
+    obs = env.reset()
+    raw = env.last_obs
+    lang = nle_language(raw)
+    rows = ["".join(map(chr, r)) for r in raw["tty_chars"]]
+    cursor = f"(x={raw['tty_cursor'][1]}, y={raw['tty_cursor'][0]})"
+    assert obs["long_term_context"] == (
+        f"message:\n{lang['text_message']}\n\nlanguage observation:\n{lang['text_glyphs']}\n\n"
+        f"cursor:\n{lang['text_cursor']}\n{cursor}\n\nmap:\n" + "\n".join(rows[1:]) + "\n\n")
+    assert obs["short_term_context"] == f"inventory:\n{lang['text_inventory']}\n"
+    assert lang["text_cursor"].startswith("Yourself a ")
+    assert env.default_action == "esc" and "far northeast" in env.actions
+
+
+# ---------------------------------------------------------------- NetHack episodes -------------
+
+def test_nethack_progression_table():
+    env = make_env("nle", seed=0)
+    env.reset()
+    table = json.loads((ROOT / "data" / "nle_progression.json").read_text())
+    raw = env.last_obs
+    for depth, xp in ((3, 1), (1, 5), (2, 2)):
+        raw["blstats"][12], raw["blstats"][18] = depth, xp
+        env._update_progression(raw["blstats"])
+    assert env.reached == {"Dlvl:1", "Dlvl:2", "Dlvl:3", "Xp:1", "Xp:2", "Xp:5"}
+    assert env.progression == pytest.approx(max(table["Dlvl:3"], table["Xp:5"]))
+
+
+def test_nethack_invalid_action_letters_and_skip_more():
+    env = make_env("nle", seed=3)
+    env.reset()
+    _, _, _, info = env.step("do a backflip")
+    assert not info["valid"] and info["executed_action"] == "esc"
+    _, _, _, info = env.step("i")          # a letter is a key: here, the inventory menu
+    assert info["valid"] and info["executed_action"] == "i"
+    obs, _, _, info = env.step("Far East")
+    assert info["valid"] and info["executed_action"] == "far east"
+    for _ in range(40):
+        obs, _, done, _ = env.step("search")
+        assert "--More--" not in obs["long_term_context"].split("language observation:")[0]
+
+
+# ---------------------------------------------------------------- MiniHack --------------------
+
+def _position(raw):
+    return int(raw["blstats"][0]), int(raw["blstats"][1])
+
+
+def _explore_to_stairs(env, budget):
+    """A small explorer: BFS to '>' if seen, else to the nearest floor next to unseen space."""
+    moves = {(0, -1): "north", (1, 0): "east", (0, 1): "south", (-1, 0): "west"}
+    blocked = set()
+    for _ in range(budget):
+        raw = env.last_obs
+        chars = raw["tty_chars"][1:22]
+        me = _position(raw)
+        passable = lambda c: chr(c) in ".<>{#@`"  # noqa: E731
+        start, seen = me, {me: None}
+        queue, target = deque([me]), None
+        while queue:
+            cur = queue.popleft()
+            ch = chr(chars[cur[1], cur[0]])
+            if ch == ">" or (cur != me and any(
+                    0 <= cur[0] + dx < 79 and 0 <= cur[1] + dy < 21 and
+                    chars[cur[1] + dy, cur[0] + dx] == ord(" ") and
+                    (cur, (cur[0] + dx, cur[1] + dy)) not in blocked for dx, dy in moves)):
+                target = cur
+                if ch == ">":
+                    break
+                if not any(chr(chars[y, x]) == ">" for y in range(21) for x in range(79)):
+                    break
+            for dx, dy in moves:
+                nxt = (cur[0] + dx, cur[1] + dy)
+                if 0 <= nxt[0] < 79 and 0 <= nxt[1] < 21 and nxt not in seen and \
+                        passable(chars[nxt[1], nxt[0]]) and (cur, nxt) not in blocked:
+                    seen[nxt] = cur
+                    queue.append(nxt)
+        if target is None:
+            return None
+        if target == me:  # frontier is here: step into the unseen
+            for (dx, dy), name in moves.items():
+                nxt = (me[0] + dx, me[1] + dy)
+                if chars[nxt[1], nxt[0]] == ord(" ") and (me, nxt) not in blocked:
+                    step, first = name, nxt
+                    break
+        else:
+            first = target
+            while seen[first] != start:
+                first = seen[first]
+            step = moves[(first[0] - me[0], first[1] - me[1])]
+        _, reward, done, info = env.step(step)
+        if done:
+            return info
+        if _position(env.last_obs) == me:
+            blocked.add((me, first))
+    return None
+
+
+def test_minihack_success_gives_full_progression():
+    env = make_env("minihack", "MiniHack-MazeWalk-9x9-v0", seed=5, max_steps=400)
+    env.reset()
+    info = _explore_to_stairs(env, 400)
+    assert info is not None and info["end_status"] == "task_successful"
+    assert info["progression"] == 1.0
+
+
+def test_minihack_actions_and_default():
+    env = make_env("minihack", "MiniHack-Corridor-R3-v0", seed=0)
+    env.reset()
+    assert env.default_action == "north" and "i" not in env.actions
+    assert env.actions == ("north", "east", "south", "west", "northeast", "southeast",
+                           "southwest", "northwest", "open", "kick", "search")
+    _, _, _, info = env.step("i")
+    assert not info["valid"] and info["executed_action"] == "north"
+    steps = 0
+    done = False
+    while not done:
+        _, _, done, info = env.step("search")
+        steps += 1
+    assert steps <= 100 and info["progression"] == 0.0 and info["end_status"] == "truncated"
+
+
+def test_boxoban_levels_come_from_shared_folder():
+    levels = envs._boxoban_levels(str(ROOT.parent / "shared/data/boxoban-levels/hard"))
+    assert len(levels) == 3332
+    for seed in (3, 11):
+        env = make_env("minihack", "MiniHack-Boxoban-Hard-v0", seed=seed)
+        obs = env.reset()
+        level = random.Random(seed).choice(levels).rstrip("\n").split("\n")
+        shown = {".": "{", "$": "`", " ": ".", "#": "#", "@": "@"}
+        expect = ["".join(shown[c] for c in row) for row in level]
+        map_rows = obs["long_term_context"].split("map:\n")[1].split("\n")
+        body = [r.strip() for r in map_rows if r.strip() and not r.startswith(("Agent", "Dlvl"))]
+        assert body[:len(expect)] == expect
+        assert env.actions == ("north", "east", "south", "west")
+
+
+def test_boxoban_missing_levels_error(monkeypatch):
+    monkeypatch.setenv("BOXOBAN_LEVELS", "/nonexistent")
+    with pytest.raises(FileNotFoundError, match="download_boxoban_levels"):
+        make_env("minihack", "MiniHack-Boxoban-Medium-v0", seed=0)
+
+
+# ---------------------------------------------------------------- names and seeds -------------
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(ValueError, match="crafter, minihack, nle"):
+        make_env("doom")
+    with pytest.raises(ValueError, match="MiniHack-Quest-Medium-v0"):
+        make_env("minihack")
+    with pytest.raises(ValueError, match="MiniHack-MazeWalk-9x9-v0"):
+        make_env("minihack", "MiniHack-River-v0")
+
+
+PLAY = r"""
+import hashlib, sys
+sys.path.insert(0, {root!r})
+from envs import make_env
+env = make_env({env!r}, {task!r}, seed={seed})
+h = hashlib.sha256(env.reset()["text"].encode())
+acts = [a for a in env.actions if a not in ("Sleep",)][:8]
+for i in range({steps}):
+    obs, r, done, info = env.step(acts[(i * 7 + i // 5) % len(acts)])
+    h.update(obs["text"].encode()); h.update(repr((round(r, 6), info["progression"])).encode())
+    if done:
+        h.update(b"reset"); h.update(env.reset()["text"].encode())
+print(h.hexdigest())
+"""
+
+
+@pytest.mark.parametrize("env,task,steps", [
+    ("crafter", "default", 600), ("minihack", "MiniHack-Boxoban-Medium-v0", 150),
+    ("minihack", "MiniHack-CorridorBattle-Dark-v0", 150), ("nle", "NetHackChallenge-v0", 400),
+])
+def test_same_seed_same_episode_across_processes(env, task, steps):
+    code = PLAY.format(root=str(ROOT), env=env, task=task, seed=42, steps=steps)
+    digests = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stdout.strip() for _ in range(2)]
+    assert digests[0] == digests[1] and len(digests[0]) == 64
+    other = subprocess.run([sys.executable, "-c", code.replace("seed=42", "seed=43")],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert other != digests[0]
