@@ -1,0 +1,234 @@
+"""memory_fs.py: ops, parser, sandbox, limits, atomicity, counters, diffs, fuzz."""
+import os
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import memory_fs
+from memory_fs import ARITY, MemoryFS, Op, parse_ops
+
+
+@pytest.fixture
+def fs(tmp_path):
+    m = MemoryFS(tmp_path / "mem", search_cap=3, max_result_chars=400, max_file_bytes=300,
+                 max_total_bytes=600, max_files=4)
+    yield m
+    m.close()
+
+
+def run(fs, text, allowed=None):
+    return [fs.execute(op) for op in fs.parse(text, allowed).ops]
+
+
+# ---------------------------------------------------------------- parser ----------------------
+
+def test_parser_forms_order_action_done():
+    text = ("I will look first.\n```\n<|SEARCH|>map.md|tree<|END|>\n```\n"
+            "<SEARCH>map.md|iron<END> <|tail>log.md|5<|END>  <Count|>log.md|cow<|END|}"
+            "<|APPEND|>log.md|a|b\nc<|END|> <|ACTION|>Move West<|END|><|ACTION|>Do<|END|><|DONE|>")
+    p = parse_ops(text)
+    assert [(o.name, o.args, o.error) for o in p.ops] == [
+        ("SEARCH", ["map.md", "tree"], None), ("SEARCH", ["map.md", "iron"], None),
+        ("TAIL", ["log.md", 5], None), ("COUNT", ["log.md", "cow"], None),
+        ("APPEND", ["log.md", "a|b\nc"], None), ("ACTION", ["Move West"], None),
+        ("ACTION", ["Do"], None), ("DONE", [], None)]
+    assert p.action == "Move West" and p.done
+
+
+def test_parser_malformed_ops_become_errors():
+    p = parse_ops("<|READ|><|END|> <|TAIL|>log.md|many<|END|> <|FLY|>x<|END|> "
+                  "<|UPSERT|>map.md|k<|END|> <|APPEND|>log.md|text with no end")
+    errors = [o.error for o in p.ops]
+    assert all(errors), errors
+    assert "READ takes 1 argument" in errors[0]
+    assert "TAIL needs a whole number" in errors[1]
+    assert errors[2].startswith("unknown op FLY")
+    assert "UPSERT takes 3 arguments" in errors[3]
+    assert "no closing <|END|>" in errors[4]
+    assert p.action is None and not p.done
+
+
+def test_parser_ignores_prose_tags_and_phase_rules():
+    p = parse_ops("<think>hmm</think> <b>bold</b> just text")
+    assert p.ops == []
+    p = parse_ops("<|APPEND|>log.md|x<|END|><|ACTION|>north<|END|>", allowed=["READ", "ACTION"])
+    assert "not allowed" in p.ops[0].error and p.action == "north"
+
+
+def test_scaffold_registered_op(fs):
+    fs.register("MARK", lambda m, x, y: f"marked {x},{y}", 2)
+    assert run(fs, "<|MARK|>3|4<|END|>") == ["marked 3,4"]
+    fs.register("BOOM", lambda m: 1 / 0, 0)
+    assert run(fs, "<|BOOM|>")[0].startswith("error: BOOM failed: ZeroDivisionError")
+    with pytest.raises(ValueError):
+        fs.register("read", lambda m: "", 1)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("<|>}ENDREADSEARCHTAILCOUNTAPPENDUPSERTDONEACTION"
+                                              "endread \n`ab12.md-")), max_size=120))
+def test_parser_fuzz_never_raises_and_ops_are_well_formed(text):
+    p = parse_ops(text)
+    for op in p.ops:
+        assert isinstance(op, Op) and op.name
+        if op.error is None:
+            assert op.name in ARITY and len(op.args) == ARITY[op.name]
+            if op.name == "TAIL":
+                assert isinstance(op.args[1], int) and op.args[1] >= 1
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(["<|READ|>", "<|SEARCH|>", "<|APPEND|>", "<|END|>", "<|DONE|>",
+                                 "<|ACTION|>", "<TAIL>", "<|end>", "|", "a.md", "3", "x\ny",
+                                 "```", "<|UPSERT|>", "<|END|}", "<|WRITE|>", "<|DELETE|>"]),
+                max_size=25))
+def test_parser_fuzz_mutated_op_strings_execute_safely(tmp_path_factory, parts):
+    fs = MemoryFS(tmp_path_factory.mktemp("fz"))
+    for op in fs.parse("".join(parts)).ops:
+        assert isinstance(fs.execute(op), str)
+    fs.close()
+
+
+# ---------------------------------------------------------------- ops -------------------------
+
+def test_every_op(fs):
+    assert run(fs, "<|READ|>a.md<|END|>")[0].startswith("error: no file named a.md")
+    assert run(fs, "<|CREATE|>a.md<|END|>") == ["created a.md"]
+    assert run(fs, "<|READ|>a.md<|END|>") == ["a.md is empty"]
+    assert run(fs, "<|CREATE|>a.md<|END|>") == ["a.md already exists (0 lines); nothing changed"]
+    assert run(fs, "<|APPEND|>a.md|wood at 3,4\nTree at 5,6<|END|>") == \
+        ["appended 2 lines to a.md (now 2 lines)"]
+    assert run(fs, "<|APPEND|>a.md|stone at 1,1<|END|>")[0] == "appended 1 line to a.md (now 3 lines)"
+    assert run(fs, "<|READ|>a.md<|END|>") == ["a.md (3 lines):\nwood at 3,4\nTree at 5,6\nstone at 1,1"]
+    assert run(fs, "<|SEARCH|>a.md|TREE<|END|>") == ["a.md: 1 line containing 'TREE':\nTree at 5,6"]
+    assert run(fs, "<|SEARCH|>a.md|lava<|END|>") == ["a.md: no line contains 'lava'"]
+    assert run(fs, "<|COUNT|>a.md|at<|END|>") == ["a.md: 3 lines contain 'at'"]
+    assert run(fs, "<|TAIL|>a.md|2<|END|>") == ["last 2 of 3 lines of a.md:\nTree at 5,6\nstone at 1,1"]
+    assert run(fs, "<|UPSERT|>map.md|(3,4)|tree<|END|>") == ["added (3,4) in map.md"]
+    assert run(fs, "<|UPSERT|>map.md|(5,5)|water<|END|>") == ["added (5,5) in map.md"]
+    assert run(fs, "<|UPSERT|>map.md|(3,4)|stump, cut<|END|>") == ["updated (3,4) in map.md"]
+    assert fs.read("map.md") == "(3,4): stump, cut\n(5,5): water\n"
+    assert run(fs, "<|WRITE|>map.md|fresh\nstart<|END|>") == ["wrote map.md (2 lines)"]
+    assert fs.read("map.md") == "fresh\nstart\n"
+    assert run(fs, "<|DELETE|>map.md<|END|>") == ["deleted map.md"]
+    assert not (fs_root(fs) / "map.md").exists()
+    assert run(fs, "<|DONE|>") == ["done"]
+    assert fs.file_index() == "a.md (3 lines)"
+    # on disk exactly what the model sees
+    assert (fs_root(fs) / "a.md").read_text() == "wood at 3,4\nTree at 5,6\nstone at 1,1\n"
+
+
+def fs_root(fs):
+    from pathlib import Path
+    return Path(fs.root)
+
+
+def test_search_cap_and_result_cut(fs):
+    run(fs, "<|APPEND|>log.md|" + "\n".join(f"cow {i}" for i in range(6)) + "<|END|>")
+    assert run(fs, "<|SEARCH|>log.md|cow<|END|>") == [
+        "log.md: showing last 3 of 6 lines containing 'cow':\ncow 3\ncow 4\ncow 5"]
+    fs.max_result_chars = 20
+    assert run(fs, "<|READ|>log.md<|END|>") == [
+        "log.md (6 lines):\nco\n[... cut: 33 more characters; use SEARCH or TAIL for a part]"]
+
+
+def test_limits(fs):
+    assert "per file" in run(fs, "<|WRITE|>big.md|" + "x" * 400 + "<|END|>")[0]
+    assert not (fs_root(fs) / "big.md").exists()
+    run(fs, "<|WRITE|>a.md|" + "x" * 250 + "<|END|>")
+    run(fs, "<|WRITE|>b.md|" + "y" * 250 + "<|END|>")
+    assert "total limit" in run(fs, "<|WRITE|>c.md|" + "z" * 200 + "<|END|>")[0]
+    run(fs, "<|CREATE|>c.md<|END|>")
+    run(fs, "<|CREATE|>d.md<|END|>")
+    assert "holds 4 files" in run(fs, "<|CREATE|>e.md<|END|>")[0]
+
+
+@pytest.mark.parametrize("name", [
+    "../evil.md", "/etc/passwd", "C:evil", "a/b.md", "..", ".", "", "x" * 65, "nul\x00.md",
+    "tab\t.md", "new\nline", ".hidden", "back\\slash", "dir/../../x", "a..b",
+])
+def test_hostile_names_are_refused(fs, name):
+    for text in (f"<|APPEND|>{name}|x<|END|>", f"<|READ|>{name}<|END|>"):
+        out = run(fs, text)
+        assert out and out[0].startswith("error"), (name, out)
+    assert not os.path.exists(os.path.join(os.path.dirname(fs.root), "evil.md"))
+
+
+def test_links_are_never_followed(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret\n")
+    root = tmp_path / "mem"
+    root.mkdir()
+    os.symlink(outside, root / "link.md")
+    os.symlink(tmp_path, root / "dirlink")
+    fs = MemoryFS(root)
+    assert fs.file_index() == "(no memory files)"          # links are not memory files
+    assert run(fs, "<|READ|>link.md<|END|>")[0].startswith("error: no file named")
+    # a write to the link's name replaces the link itself; the target is untouched
+    run(fs, "<|WRITE|>link.md|mine<|END|>")
+    assert outside.read_text() == "secret\n" and not os.path.islink(root / "link.md")
+    os.symlink(outside, root / "late.md")                  # planted while running
+    assert run(fs, "<|READ|>late.md<|END|>")[0].startswith("error")
+    run(fs, "<|APPEND|>late.md|x<|END|>")
+    assert outside.read_text() == "secret\n"
+    run(fs, "<|DELETE|>late.md<|END|>")
+    assert outside.exists()
+
+
+def test_write_is_atomic(fs, monkeypatch):
+    run(fs, "<|WRITE|>a.md|old content<|END|>")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the rename")
+    monkeypatch.setattr(memory_fs.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fs.execute(parse_ops("<|WRITE|>a.md|new content<|END|>").ops[0])
+    monkeypatch.undo()
+    assert (fs_root(fs) / "a.md").read_text() == "old content\n"
+    assert fs.read("a.md") == "old content\n"
+    assert [p.name for p in fs_root(fs).iterdir()] == ["a.md"]  # no temp file left
+    # a temp file left by a killed process is cleaned, and the old file is loaded back
+    (fs_root(fs) / ".tmp-a.md").write_text("half")
+    again = MemoryFS(fs.root)
+    assert again.files() == {"a.md": "old content\n"} and not (fs_root(fs) / ".tmp-a.md").exists()
+
+
+def test_counters_and_redundant_writes(fs):
+    fs.phase = "log"
+    run(fs, "<|APPEND|>a.md|Wood at (3,4)<|END|><|APPEND|>a.md|wood   AT (3,4)<|END|>"
+            "<|SEARCH|>a.md|iron<|END|><|SEARCH|>a.md|wood<|END|><|READ|>zz.md<|END|>")
+    fs.phase = "plan"
+    run(fs, "<|UPSERT|>m.md|k|v<|END|><|UPSERT|>m.md|k|v<|END|><|TAIL|>a.md|1<|END|>")
+    log, plan = fs.counters["log"], fs.counters["plan"]
+    assert log["APPEND"] == {"calls": 2, "redundant": 1, "bytes_written": 15 + 15}
+    assert log["SEARCH"]["calls"] == 2 and log["SEARCH"]["empty"] == 1
+    assert log["SEARCH"]["bytes_read"] > 0 and log["READ"]["errors"] == 1
+    assert plan["UPSERT"]["calls"] == 2 and plan["UPSERT"]["redundant"] == 1
+    assert run(fs, "<|APPEND|>a.md|wood at (3,4)<|END|>")[0].endswith("already in the file)")
+
+
+def test_diff_since_mark(fs):
+    run(fs, "<|WRITE|>old.md|x<|END|><|APPEND|>keep.md|a<|END|>")
+    m = fs.mark()
+    run(fs, "<|APPEND|>keep.md|b\nc<|END|><|CREATE|>new.md<|END|><|DELETE|>old.md<|END|>"
+            "<|UPSERT|>map.md|(1,1)|tree<|END|><|READ|>keep.md<|END|>")
+    assert fs.diff_since(m) == {
+        "keep.md": {"appended": ["b", "c"]},
+        "new.md": {"created": True},
+        "old.md": {"deleted": True},
+        "map.md": {"created": True, "upserted": {"(1,1)": "(1,1): tree"}},
+    }
+    m2 = fs.mark()
+    assert fs.diff_since(m2) == {}
+    with pytest.raises(ValueError):
+        fs.diff_since(m)
+
+
+def test_index_is_incremental(fs):
+    run(fs, "<|APPEND|>a.md|1<|END|>")
+    first = fs.file_index()
+    assert fs.file_index() is first                     # cached while nothing changes
+    run(fs, "<|SEARCH|>a.md|1<|END|>")
+    assert fs.file_index() is first
+    run(fs, "<|APPEND|>a.md|2<|END|>")
+    assert fs.file_index() == "a.md (2 lines)"
