@@ -1,0 +1,913 @@
+"""The AutoMem inner loop: each step LOG records what the last action did, PLAN consults memory
+and commits the next action; memory ops and game actions share one action space.
+
+Agents: `memory` (AutoMem, driven by a scaffold), and the paper's baselines `naive` (a sliding
+window of the last 16 observation/action messages) and `cot` (the same, reasoning first).
+Backends: `hf` (transformers, batched `generate`, optional peft adapter for the specialist),
+`openai` (any OpenAI-compatible server, many requests in flight), `tiny-random` (a small random
+Qwen2 built on the spot, for offline plumbing tests: it proves plumbing, not skill).
+
+An agent's step is a generator: it yields `Request`s and receives `Reply`s, so `run_episodes`
+can advance many episodes together and serve their pending requests as one padded batch (HF) or
+concurrently (server).
+
+Scaffold hooks (`scaffolds/vN/hooks.py`, all optional):
+    extra_context(phase, ctx) -> str     text put at {extra_context} in the LOG / PLAN prompt
+    register_ops(fs, env_name)           fs.register(name, handler, arity) for extra ops
+                                         (list them in scaffold.json "ops" to allow them)
+
+    python agent.py --env crafter --model tiny-random --steps 3     # a short smoke episode
+    python agent.py --bench      # steps/s 1 vs 16 episodes on a 50 ms server; HF batched tok/s
+"""
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from memory_fs import ALL_OPS, MemoryFS, parse_ops
+
+ROOT = Path(__file__).resolve().parent
+SCAFFOLDS = ROOT / "scaffolds"
+AGENTS = ("memory", "naive", "cot")
+ROUTINES = ("log", "plan")
+PROMPTS = ("system", "log", "plan", "handoff", "continue")
+LIMITS = ("log_turns", "plan_turns", "search_cap", "max_result_chars", "max_file_bytes",
+          "max_total_bytes", "max_files")
+PAPER_MODEL = "Qwen/Qwen2.5-32B-Instruct"
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaffolds
+# ---------------------------------------------------------------------------------------------
+
+class ScaffoldError(ValueError):
+    pass
+
+
+@dataclass
+class Scaffold:
+    name: str
+    path: Path
+    config: dict
+    prompts: dict
+    hooks: object = None
+    changes: str = ""
+
+    @property
+    def limits(self):
+        return self.config["limits"]
+
+    def ops(self, phase):
+        return self.config["ops"][phase]
+
+    def initial_files(self, env_name):
+        folder = self.path / self.config["initial_files"].get(env_name, "")
+        if not self.config["initial_files"].get(env_name) or not folder.is_dir():
+            return {}
+        return {p.name: p.read_text() for p in sorted(folder.iterdir()) if p.is_file()}
+
+    def content_hash(self):
+        """sha256 over every file of the scaffold, for run configs."""
+        h = hashlib.sha256()
+        for p in sorted(self.path.rglob("*")):
+            if p.is_file() and "__pycache__" not in p.parts:
+                h.update(str(p.relative_to(self.path)).encode())
+                h.update(p.read_bytes())
+        return h.hexdigest()
+
+    def hook(self, name):
+        return getattr(self.hooks, name, None) if self.hooks else None
+
+
+def scaffold_dir(name_or_path):
+    p = Path(name_or_path)
+    if p.is_dir() and (p / "scaffold.json").exists():
+        return p
+    if (SCAFFOLDS / str(name_or_path)).is_dir():
+        return SCAFFOLDS / str(name_or_path)
+    known = ", ".join(sorted(d.name for d in SCAFFOLDS.iterdir() if d.is_dir())) if SCAFFOLDS.is_dir() else ""
+    raise ScaffoldError(f"unknown scaffold {name_or_path!r}: not a folder with scaffold.json, "
+                        f"nor one of scaffolds/ ({known})")
+
+
+def load_scaffold(name_or_path):
+    """Read and check `scaffolds/vN/` (or a path). Errors name the scaffold and the broken part."""
+    path = scaffold_dir(name_or_path)
+    name = path.name
+
+    def fail(part, why):
+        raise ScaffoldError(f"scaffold {name}: {part}: {why}")
+
+    try:
+        config = json.loads((path / "scaffold.json").read_text())
+    except json.JSONDecodeError as e:
+        fail("scaffold.json", f"not valid JSON ({e})")
+    for key in ("ops", "limits", "fallback_action", "initial_files", "prompts"):
+        if key not in config:
+            fail("scaffold.json", f"missing key {key!r}")
+    hooks = None
+    if (path / "hooks.py").exists():
+        spec = importlib.util.spec_from_file_location(f"scaffold_hooks_{name}", path / "hooks.py")
+        hooks = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(hooks)
+        except Exception as e:
+            fail("hooks.py", f"does not import: {type(e).__name__}: {e}")
+    extra = set()
+    if hooks and hasattr(hooks, "register_ops"):
+        probe = MemoryFS(tempfile.mkdtemp(prefix="automem-probe-"))
+        try:
+            for env_name in config["fallback_action"]:
+                hooks.register_ops(probe, env_name)
+        except Exception as e:
+            fail("hooks.py", f"register_ops failed: {type(e).__name__}: {e}")
+        finally:
+            probe.close()
+            shutil.rmtree(probe.root, ignore_errors=True)
+        extra = set(probe.extra_ops)
+    for phase in ROUTINES:
+        ops = config["ops"].get(phase)
+        if not isinstance(ops, list) or not ops:
+            fail("scaffold.json ops", f"phase {phase!r} needs a list of ops")
+        unknown = [o for o in ops if o not in ALL_OPS and o not in extra]
+        if unknown:
+            fail("scaffold.json ops", f"{phase} lists unknown ops {unknown} (hooks register: {sorted(extra)})")
+    if "DONE" not in config["ops"]["log"] or "ACTION" not in config["ops"]["plan"]:
+        fail("scaffold.json ops", "LOG must allow DONE and PLAN must allow ACTION")
+    writes = {"APPEND", "WRITE", "CREATE", "UPSERT", "DELETE"}
+    if writes & set(config["ops"]["plan"]):
+        fail("scaffold.json ops", "PLAN may not write memory: an action's outcome is recorded by "
+             "the next LOG, after the environment has answered")
+    for key in LIMITS:
+        v = config["limits"].get(key)
+        if not isinstance(v, int) or v < 1:
+            fail("scaffold.json limits", f"{key} must be a positive integer, got {v!r}")
+    prompts = {}
+    for key in PROMPTS:
+        rel = config["prompts"].get(key)
+        if not rel or not (path / rel).is_file():
+            fail(f"prompts/{key}", f"missing prompt file {rel!r}")
+        prompts[key] = (path / rel).read_text()
+    changes = (path / "CHANGES.md").read_text() if (path / "CHANGES.md").exists() else ""
+    return Scaffold(name, path, config, prompts, hooks, changes)
+
+
+def fill(template, **values):
+    """str.format that leaves unknown {names} (e.g. JSON in a prompt) as they are."""
+    class Keep(dict):
+        def __missing__(self, key):
+            return "{" + key + "}"
+    return template.format_map(Keep(values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests, replies, traces
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Request:
+    messages: list
+    role: str = "base"            # "base" commits actions; "specialist" runs memory turns
+
+
+@dataclass
+class Reply:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency: float = 0.0
+    error: str = None
+
+
+def turn_messages(turns, k):
+    """The full input of turn k of a routine, from the compact form stored in traces: turn 0
+    holds its messages; a later turn holds only what was added after the previous reply."""
+    if "messages" in turns[k]:
+        return list(turns[k]["messages"])
+    prev = turn_messages(turns, k - 1)
+    return prev + [{"role": "assistant", "content": turns[k - 1]["response"]}] + turns[k]["added"]
+
+
+class Routine:
+    """One LOG or PLAN conversation: asks, records every turn compactly."""
+
+    def __init__(self, messages):
+        self.messages = list(messages)
+        self.turns = []
+        self._sent = 0
+
+    def ask(self, role, full=False):
+        """The next request; `full` stores the whole input (when earlier messages changed)."""
+        if not self.turns or full:
+            entry = {"messages": list(self.messages)}
+        else:
+            entry = {"added": self.messages[self._sent + 1:]}
+        self._sent = len(self.messages)
+        entry["role"] = role
+        self.turns.append(entry)
+        return Request(list(self.messages), role)
+
+    def got(self, reply, ops=()):
+        t = self.turns[-1]
+        t.update(response=reply.text, prompt_tokens=reply.prompt_tokens,
+                 completion_tokens=reply.completion_tokens, latency_s=round(reply.latency, 4),
+                 error=reply.error, ops=list(ops))
+        self.messages.append({"role": "assistant", "content": reply.text})
+
+    def tell(self, content):
+        self.messages.append({"role": "user", "content": content})
+
+
+def _strip_action(text):
+    """The specialist never commits: its ACTION ops are removed before the hand-off."""
+    for op in parse_ops(text).ops:
+        if op.name == "ACTION" and op.raw:
+            text = text.replace(op.raw, "", 1)
+    return text.rstrip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Agents
+# ---------------------------------------------------------------------------------------------
+
+class MemoryAgent:
+    """AutoMem: LOG (after the first step) then PLAN, driven by a scaffold."""
+
+    name = "memory"
+
+    def __init__(self, scaffold, env, memory_dir, two_model=False):
+        self.scaffold, self.env, self.two_model = scaffold, env, two_model
+        lim = scaffold.limits
+        shutil.rmtree(memory_dir, ignore_errors=True)  # an episode always starts from the scaffold
+        self.fs = MemoryFS(memory_dir, max_file_bytes=lim["max_file_bytes"],
+                           max_total_bytes=lim["max_total_bytes"], max_files=lim["max_files"],
+                           max_result_chars=lim["max_result_chars"], search_cap=lim["search_cap"])
+        for fname, text in scaffold.initial_files(env.name).items():
+            self.fs.write(fname, text)
+        if scaffold.hook("register_ops"):
+            scaffold.hooks.register_ops(self.fs, env.name)
+        self.fallback = scaffold.config["fallback_action"].get(env.name, env.default_action)
+        self.system = fill(scaffold.prompts["system"], instruction=env.instruction)
+        self.previous = None  # (action record, observation text) of the last step
+        self.hook_errors = []
+
+    def close(self):
+        self.fs.close()
+
+    def _context(self, phase, obs_text, step):
+        hook = self.scaffold.hook("extra_context")
+        if not hook:
+            return ""
+        prev_action, prev_obs = self.previous if self.previous else (None, None)
+        ctx = {"env": self.env.name, "step": step, "observation": obs_text,
+               "previous_observation": prev_obs, "previous_action": prev_action, "fs": self.fs}
+        try:
+            return hook(phase, ctx) or ""
+        except Exception as e:  # a broken hook must not end the episode: it is traced instead
+            self.hook_errors.append(f"extra_context({phase}): {type(e).__name__}: {e}")
+            return ""
+
+    def _turn(self, routine, role, allowed):
+        """One model turn: ask, parse, run the ops, record. (None, []) if the backend failed."""
+        reply = yield routine.ask(role)
+        if reply.error:
+            routine.got(reply)
+            return None, []
+        parsed = self.fs.parse(reply.text, allowed)
+        results = self._run_ops(parsed, allowed)
+        routine.got(reply, results)
+        return parsed, results
+
+    def _run_ops(self, parsed, allowed):
+        results = []
+        for op in parsed.ops:
+            if op.name in ("DONE", "ACTION") and op.error is None:
+                results.append({**op.to_json(), "result": None})
+                continue
+            results.append({**op.to_json(), "result": self.fs.execute(op, allowed)})
+        return results
+
+    @staticmethod
+    def _results_text(results):
+        return "\n\n".join(f"[{r['op']} {'|'.join(map(str, r['args']))}]\n{r['result']}"
+                           for r in results if r["result"] is not None)
+
+    def act(self, obs_text, step):
+        """Generator: yields Requests, receives Replies, returns the step's decision."""
+        decision = {"log": None, "plan": None}
+        if step > 0:
+            self.fs.phase = "log"
+            decision["log"] = yield from self._log(obs_text, step)
+        self.fs.phase = "plan"
+        plan, action = yield from self._plan(obs_text, step)
+        decision["plan"] = plan
+        decision["action"] = action
+        return decision
+
+    def _log(self, obs_text, step):
+        s, lim = self.scaffold, self.scaffold.limits
+        allowed = s.ops("log")
+        prev, _ = self.previous
+        note = "" if prev["valid"] else (f"That output was not a valid action, so "
+                                         f"{prev['executed']} ran instead.\n")
+        prompt = fill(s.prompts["log"], step=step, previous_action=prev["raw"], action_note=note,
+                      observation=obs_text, file_index=self.fs.file_index(),
+                      extra_context=self._context("log", obs_text, step),
+                      allowed_ops=", ".join(allowed))
+        r = Routine([{"role": "system", "content": self.system}, {"role": "user", "content": prompt}])
+        role = "specialist" if self.two_model else "base"
+        ended = "turn_limit"
+        for turn in range(lim["log_turns"]):
+            parsed, results = yield from self._turn(r, role, allowed)
+            if parsed is None:
+                ended = "backend_error"
+                break
+            if parsed.done:
+                ended = "done"
+                break
+            if not parsed.ops:
+                ended = "no_ops"
+                break
+            r.tell(fill(s.prompts["continue"], results=self._results_text(results),
+                        reminder=f"Continue with more operations, or end with <|DONE|>. "
+                                 f"({lim['log_turns'] - turn - 1} turns left)"))
+        return {"turns": r.turns, "ended": ended}
+
+    def _plan(self, obs_text, step):
+        s, lim = self.scaffold, self.scaffold.limits
+        allowed = s.ops("plan")
+        prompt = fill(s.prompts["plan"], step=step, observation=obs_text,
+                      file_index=self.fs.file_index(), allowed_ops=", ".join(allowed),
+                      extra_context=self._context("plan", obs_text, step))
+        r = Routine([{"role": "system", "content": self.system}, {"role": "user", "content": prompt}])
+        role = "specialist" if self.two_model else "base"
+        action, ended = None, "turn_limit"
+        for turn in range(lim["plan_turns"]):
+            parsed, results = yield from self._turn(r, role, allowed)
+            if parsed is None:
+                ended = "backend_error"
+                break
+            if self.two_model and (parsed.action is not None or not parsed.ops):
+                ended = "handoff"
+                break
+            if parsed.action is not None:
+                action, ended = parsed.action, "action"
+                break
+            reminder = (f"Commit one game action now as <|ACTION|>action name<|END|>. "
+                        f"({lim['plan_turns'] - turn - 1} turns left)")
+            r.tell(fill(s.prompts["continue"], results=self._results_text(results), reminder=reminder)
+                   if results else reminder)
+        if self.two_model and ended in ("handoff", "turn_limit"):
+            # the base model commits the action on the specialist's conversation
+            last = r.messages[-1]
+            if last["role"] == "assistant":
+                r.messages[-1] = {"role": "assistant", "content": _strip_action(last["content"])}
+                r.tell(s.prompts["handoff"])
+            else:  # the turn limit left a user message: the hand-off joins it
+                r.messages[-1] = {"role": "user", "content": last["content"] + "\n\n" + s.prompts["handoff"]}
+            reply = yield r.ask("base", full=True)
+            parsed = None if reply.error else self.fs.parse(reply.text, ["ACTION"])
+            r.got(reply, [{**o.to_json(), "result": None} for o in parsed.ops] if parsed else [])
+            if parsed and parsed.action is not None:
+                action, ended = parsed.action, "action"
+            else:
+                ended = "backend_error" if reply.error else "no_action"
+        if action is None:
+            action = self.fallback
+        return {"turns": r.turns, "ended": ended}, action
+
+    def observe(self, record, obs_text):
+        self.previous = (record, obs_text)
+
+
+BASELINE_SYSTEM = {
+    "naive": ("{instruction}\n\nEach turn you see the current observation. Answer with the one "
+              "action to take, as <|ACTION|>action name<|END|>, and nothing else."),
+    "cot": ("{instruction}\n\nEach turn you see the current observation. First think step by step "
+            "about the situation and what to do next, then give the one action to take as "
+            "<|ACTION|>action name<|END|> at the end of your answer."),
+}
+
+
+class WindowAgent:
+    """BALROG-style baselines: the last `window` observation/action messages, no memory."""
+
+    fs = None
+
+    def __init__(self, kind, env, window=16, fallback=None):
+        self.name, self.env = kind, env
+        self.system = BASELINE_SYSTEM[kind].format(instruction=env.instruction)
+        self.history = deque(maxlen=window)
+        self.fallback = fallback or env.default_action
+
+    def close(self):
+        pass
+
+    def act(self, obs_text, step):
+        messages = [{"role": "system", "content": self.system}, *self.history,
+                    {"role": "user", "content": f"Current observation:\n{obs_text}"}]
+        r = Routine(messages)
+        reply = yield r.ask("base")
+        action, ended = None, "backend_error"
+        if not reply.error:
+            parsed = parse_ops(reply.text, ["ACTION"])
+            action = parsed.action
+            if action is None and self.name == "naive" and reply.text.strip():
+                action = reply.text.strip().splitlines()[-1].strip()  # a bare action name
+            ended = "action" if action else "no_action"
+        r.got(reply)
+        self.history.append({"role": "user", "content": f"Observation:\n{obs_text}"})
+        self.history.append({"role": "assistant", "content": reply.text})
+        return {"log": None, "plan": {"turns": r.turns, "ended": ended},
+                "action": action or self.fallback}
+
+    def observe(self, record, obs_text):
+        pass
+
+
+def make_agent(kind, env, scaffold=None, memory_dir=None, two_model=False):
+    if kind == "memory":
+        return MemoryAgent(scaffold, env, memory_dir, two_model)
+    if kind in ("naive", "cot"):
+        return WindowAgent(kind, env, fallback=scaffold.config["fallback_action"].get(env.name)
+                           if scaffold else None)
+    raise ValueError(f"unknown agent {kind!r}; valid: {', '.join(AGENTS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Episodes and the many-episode driver
+# ---------------------------------------------------------------------------------------------
+
+def _tokens(routine):
+    turns = routine["turns"] if routine else []
+    return (sum(t.get("prompt_tokens", 0) for t in turns),
+            sum(t.get("completion_tokens", 0) for t in turns),
+            sum(t.get("latency_s", 0) for t in turns))
+
+
+def play(env, agent, seed, on_step=None, max_steps=None):
+    """Generator for one episode: yields Requests, returns the episode's result. `on_step(record)`
+    gets each step's trace record as soon as the environment has answered."""
+    obs = env.reset(seed=seed)
+    step, done, ret, info = 0, False, 0.0, {"progression": 0.0, "end_status": None}
+    t_start = time.time()
+    while not done and (max_steps is None or step < max_steps):
+        t0 = time.time()
+        mark = agent.fs.mark() if agent.fs else None
+        decision = yield from agent.act(obs["text"], step)
+        next_obs, reward, done, info = env.step(decision["action"])
+        ret += reward
+        record = {
+            "step": step, "observation": obs["text"],
+            "log": decision["log"], "plan": decision["plan"],
+            "action": {"raw": decision["action"], "executed": info["executed_action"],
+                       "valid": info["valid"]},
+            "reward": reward, "done": done, "progression": info["progression"],
+            "info": {k: v for k, v in info.items() if k not in ("valid", "executed_action", "progression")},
+            "memory_diff": agent.fs.diff_since(mark) if agent.fs else None,
+            "hook_errors": agent.hook_errors[:] if getattr(agent, "hook_errors", None) else [],
+            "wall_s": round(time.time() - t0, 4),
+        }
+        p1, c1, l1 = _tokens(decision["log"])
+        p2, c2, l2 = _tokens(decision["plan"])
+        record["tokens"] = {"prompt": p1 + p2, "completion": c1 + c2}
+        record["latency_s"] = round(l1 + l2, 4)
+        if getattr(agent, "hook_errors", None):
+            agent.hook_errors.clear()
+        agent.observe(record["action"], next_obs["text"])
+        if on_step:
+            on_step(record)
+        obs = next_obs
+        step += 1
+    return {"seed": seed, "steps": step, "progression": info["progression"], "return": ret,
+            "end_status": info.get("end_status") or ("max_steps" if not done else None),
+            "wall_s": round(time.time() - t_start, 3)}
+
+
+def run_episodes(episodes, backend, concurrency=16, on_done=None):
+    """Run episode generators (from `play`) to the end; return their results in order.
+    HF backends get one padded batch per round; servers get each episode's next request as soon
+    as its previous reply lands. At most `concurrency` episodes run at once."""
+    results = [None] * len(episodes)
+    queue = deque(enumerate(episodes))
+    pending = {}  # episode index -> (generator, request)
+
+    def advance(i, gen, reply=None):
+        try:
+            pending[i] = (gen, gen.send(reply) if reply is not None else next(gen))
+        except StopIteration as stop:
+            pending.pop(i, None)
+            results[i] = stop.value
+            if on_done:
+                on_done(i, stop.value)
+
+    def refill():
+        while queue and len(pending) < concurrency:
+            i, gen = queue.popleft()
+            advance(i, gen)
+
+    refill()
+    if getattr(backend, "batched", False):
+        while pending:
+            ids = list(pending)
+            replies = backend.generate([pending[i][1] for i in ids])
+            for i, reply in zip(ids, replies):
+                advance(i, pending[i][0], reply)
+            refill()
+        return results
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        flying = {}
+        while pending or flying:
+            for i, (gen, req) in list(pending.items()):
+                if i not in flying.values():
+                    flying[pool.submit(backend.complete, req)] = i
+            done_futures, _ = wait(list(flying), return_when=FIRST_COMPLETED)
+            for fut in done_futures:
+                i = flying.pop(fut)
+                advance(i, pending[i][0], fut.result())
+            refill()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+
+class OpenAIBackend:
+    """Any OpenAI-compatible chat endpoint (vLLM, SGLang, a hosted API). The openai client
+    retries 429 / 5xx / connection errors with exponential backoff; after that the step falls
+    back (the reply carries the error)."""
+
+    batched = False
+
+    def __init__(self, base_url, model, specialist=None, api_key=None, timeout=120.0,
+                 max_retries=4, max_new_tokens=1024, temperature=1.0, top_p=1.0):
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=base_url, timeout=timeout, max_retries=max_retries,
+                             api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY")
+        self.model, self.specialist = model, specialist
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+
+    def complete(self, request):
+        import openai
+
+        model = self.specialist if request.role == "specialist" else self.model
+        if model is None:
+            return Reply("", error="no specialist model configured")
+        t0 = time.time()
+        try:
+            r = self.client.chat.completions.create(
+                model=model, messages=request.messages, max_tokens=self.max_new_tokens,
+                temperature=self.temperature, top_p=self.top_p)
+        except openai.OpenAIError as e:
+            return Reply("", latency=time.time() - t0, error=f"{type(e).__name__}: {e}")
+        usage = r.usage
+        return Reply(r.choices[0].message.content or "", usage.prompt_tokens if usage else 0,
+                     usage.completion_tokens if usage else 0, time.time() - t0)
+
+    def generate(self, requests):
+        with ThreadPoolExecutor(max_workers=max(1, len(requests))) as pool:
+            return list(pool.map(self.complete, requests))
+
+
+class HFBackend:
+    """A transformers causal LM with its chat template: left-padded batched `generate`,
+    `device_map="auto"` across GPUs, bf16 where supported. With `adapter`, one copy of the base
+    weights serves both roles: the adapter is on for specialist turns, off for base turns."""
+
+    batched = True
+
+    def __init__(self, model, adapter=None, max_new_tokens=1024, temperature=1.0, top_p=1.0,
+                 dtype=None, device_map=None, seed=None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = tiny_random_path() if model == "tiny-random" else model
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        cuda = torch.cuda.is_available()
+        if dtype is None:
+            dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, device_map=device_map or ("auto" if cuda else None))
+        self.adapter = adapter
+        if adapter:
+            from peft import PeftModel
+            self.model = PeftModel.from_pretrained(self.model, adapter)
+        self.model.eval()
+        # A static KV cache: no per-token cache concatenation, which matters most for padded
+        # batches. Models that cannot use it fall back to the dynamic cache on first use.
+        self.cache_implementation = "static"
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        if seed is not None:
+            torch.manual_seed(seed)
+
+    def complete(self, request):
+        return self.generate([request])[0]
+
+    def generate(self, requests):
+        replies = [None] * len(requests)
+        for role in ("specialist", "base"):
+            ids = [i for i, r in enumerate(requests) if r.role == role]
+            if not ids:
+                continue
+            if role == "specialist" and not self.adapter:
+                for i in ids:
+                    replies[i] = Reply("", error="no specialist adapter loaded")
+                continue
+            for i, reply in zip(ids, self._generate([requests[i].messages for i in ids], role)):
+                replies[i] = reply
+        return replies
+
+    def _generate(self, conversations, role):
+        import contextlib
+        import torch
+
+        t0 = time.time()
+        prompts = [self.tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+                   for m in conversations]
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(self.model.device)
+        sample = self.temperature > 0
+        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=sample,
+                      pad_token_id=self.tok.pad_token_id)
+        if sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        off = self.model.disable_adapter() if self.adapter and role == "base" else contextlib.nullcontext()
+        with torch.inference_mode(), off:
+            try:
+                out = self.model.generate(**enc, **kwargs, cache_implementation=self.cache_implementation)
+            except (ValueError, NotImplementedError, TypeError):
+                if self.cache_implementation is None:
+                    raise
+                self.cache_implementation = None
+                out = self.model.generate(**enc, **kwargs)
+        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        latency = time.time() - t0
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos]) | {self.tok.eos_token_id}
+        replies = []
+        for row, mask in zip(new, enc["attention_mask"].tolist()):
+            n = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
+            replies.append(Reply(self.tok.decode(row[:n], skip_special_tokens=True),
+                                 sum(mask), n, latency))
+        return replies
+
+
+def make_backend(model=PAPER_MODEL, base_url=None, specialist=None, **kwargs):
+    if base_url:
+        return OpenAIBackend(base_url, model, specialist=specialist, **kwargs)
+    return HFBackend(model, adapter=specialist, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny-random: a real architecture with random weights, built offline
+# ---------------------------------------------------------------------------------------------
+
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def cache_dir():
+    return Path(os.environ.get("AUTOMEM_CACHE", Path.home() / ".cache" / "automem"))
+
+
+def tiny_random_path(vocab_size=2048, seed=0):
+    """Build (once) and return the folder of `tiny-random`: a 2-layer Qwen2 (128 wide, heads of 64 as in real models) with random weights
+    and a byte-level BPE tokenizer trained here on the scaffold prompts, op tags, action names and
+    one real observation of each game (so it packs runs of map spaces as a real tokenizer does),
+    with a ChatML chat template. It is loaded through the same `from_pretrained` as a real model."""
+    path = cache_dir() / "tiny-random"
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        return str(path)
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    import envs
+    corpus = [p.read_text() for p in SCAFFOLDS.rglob("*") if p.is_file() and p.suffix in (".txt", ".md")]
+    corpus += [f"<|{op}|>file.md|text<|END|>" for op in ALL_OPS] + list(envs.CRAFTER_ACTIONS)
+    corpus += [f"{k}: {v}" for k, v in envs.NLE_ACTION_HELP.items()] + list(envs.CRAFTER_ACTION_HELP.values())
+    for name, task in (("crafter", None), ("minihack", "MiniHack-Corridor-R3-v0"), ("nle", None)):
+        env = envs.make_env(name, task, seed=0)
+        corpus += [env.instruction, env.reset()["text"]]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", bos_token=None)
+    tok.chat_template = CHATML
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=32768, tie_word_embeddings=True,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    tmp = Path(tempfile.mkdtemp(prefix="tiny-random-", dir=cache_dir() if cache_dir().exists() else None))
+    tok.save_pretrained(tmp)
+    model.save_pretrained(tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(path)  # atomic: concurrent builders race, one wins
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# A scripted OpenAI-compatible server (real HTTP), for the bench and the tests
+# ---------------------------------------------------------------------------------------------
+
+class ScriptedServer:
+    """Serves /v1/chat/completions on 127.0.0.1. `reply(body)` returns the assistant text, a
+    message dict (e.g. with tool_calls), or an int HTTP status to fail with. `delay` seconds
+    are slept before each answer (a stand-in for model latency)."""
+
+    def __init__(self, reply, delay=0.0):
+        self.reply, self.delay, self.requests = reply, delay, []
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send(200, {"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                with server._lock:
+                    server.requests.append(body)
+                if server.delay:
+                    time.sleep(server.delay)
+                out = server.reply(body)
+                if isinstance(out, int):
+                    return self._send(out, {"error": {"message": f"scripted failure {out}"}})
+                message = out if isinstance(out, dict) else {"role": "assistant", "content": out}
+                message.setdefault("role", "assistant")
+                prompt = sum(len(str(m.get("content") or "")) for m in body.get("messages", [])) // 4
+                completion = len(message.get("content") or "") // 4
+                self._send(200, {
+                    "id": "chatcmpl-scripted", "object": "chat.completion", "created": int(time.time()),
+                    "model": body.get("model", "scripted"),
+                    "choices": [{"index": 0, "message": message,
+                                 "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}],
+                    "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                              "total_tokens": prompt + completion}})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def serve_in_process(self):
+        """Serve from a forked process instead (as a real server is), so the client's process
+        does not share its CPU and GIL with the server. Returns the process; terminate it."""
+        import multiprocessing
+        proc = multiprocessing.get_context("fork").Process(target=self.httpd.serve_forever, daemon=True)
+        proc.start()
+        self.httpd.socket.close()  # the child owns the listening socket now
+        return proc
+
+
+def last_user(body):
+    return next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def _bench_episodes(n, steps, backend, scaffold, root, kind, counted):
+    import envs
+    agents = [make_agent(kind, envs.make_env("minihack", "MiniHack-Corridor-R3-v0", seed=i),
+                         scaffold, Path(root) / f"mem_{i}") for i in range(n)]
+    gens = [play(a.env, a, seed=i, max_steps=steps,
+                 on_step=lambda r: counted.append(r["tokens"]["completion"]))
+            for i, a in enumerate(agents)]
+    return gens, agents
+
+
+def bench():
+    scaffold = load_scaffold("v0")
+
+    def scripted(body):  # LOG routines end at once; PLAN commits north
+        return "<|DONE|>" if "MEMORY UPDATE" in body["messages"][1]["content"] else "<|ACTION|>north<|END|>"
+
+    print("(a) memory agent (v0, MiniHack) on a local OpenAI-compatible server answering after 50 ms")
+    server = ScriptedServer(scripted, delay=0.05)
+    proc = server.serve_in_process()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            backend = OpenAIBackend(server.url, "scripted", max_retries=0)
+            rates = {}
+            for n in (1, 16):
+                gens, agents = _bench_episodes(n, 20, backend, scaffold, f"{tmp}/{n}", "memory", [])
+                t0 = time.perf_counter()
+                steps = sum(r["steps"] for r in run_episodes(gens, backend, concurrency=n))
+                rates[n] = steps / (time.perf_counter() - t0)
+                for a in agents:
+                    a.close()
+                print(f"    {n:>2} concurrent episode(s): {rates[n]:7.1f} steps/s")
+            print(f"    ratio 16 vs 1: {rates[16] / rates[1]:.1f}x (target >= 12x)")
+    finally:
+        proc.terminate()
+    print("(b) tiny-random (HF, CPU), memory agent (v0, MiniHack), 8 episodes x 2 steps, up to 128 "
+          "new tokens per reply: generated tokens/s, batched vs one at a time")
+    backend = HFBackend("tiny-random", max_new_tokens=128, temperature=1.0, seed=0)
+    generate, in_llm = backend.generate, [0.0]
+
+    def timed_generate(requests):  # time spent in the model, apart from the games
+        t0 = time.perf_counter()
+        out = generate(requests)
+        in_llm[0] += time.perf_counter() - t0
+        return out
+    backend.generate = timed_generate
+    with tempfile.TemporaryDirectory() as tmp:
+        speeds = {}
+        for conc in (1, 8):
+            counted, in_llm[0] = [], 0.0
+            gens, _ = _bench_episodes(8, 2, backend, scaffold, f"{tmp}/{conc}", "memory", counted)
+            t0 = time.perf_counter()
+            run_episodes(gens, backend, concurrency=conc)
+            wall = time.perf_counter() - t0
+            speeds[conc] = sum(counted) / in_llm[0]
+            print(f"    concurrency {conc}: {speeds[conc]:7.1f} generated tokens/s in the model "
+                  f"({sum(counted) / wall:.1f} end to end, games included)")
+        print(f"    ratio batched vs one at a time: {speeds[8] / speeds[1]:.1f}x (target >= 3x)")
+
+
+def main(argv=None):
+    import envs
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", action="store_true")
+    p.add_argument("--env", default="crafter", choices=envs.ENVS)
+    p.add_argument("--task", default=None)
+    p.add_argument("--agent", default="memory", choices=AGENTS)
+    p.add_argument("--scaffold", default="v0")
+    p.add_argument("--model", default="tiny-random")
+    p.add_argument("--base-url", default=None)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    args = p.parse_args(argv)
+    if args.bench:
+        return bench()
+    try:
+        scaffold = load_scaffold(args.scaffold)
+        env = envs.make_env(args.env, args.task, seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        p.exit(2, f"agent.py: error: {e}\n")
+    backend = make_backend(args.model, args.base_url, max_new_tokens=args.max_new_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        agent = make_agent(args.agent, env, scaffold, Path(tmp) / "memory")
+
+        def show(rec):
+            n_ops = sum(len(t.get("ops", [])) for r in (rec["log"], rec["plan"]) if r for t in r["turns"])
+            print(f"step {rec['step']}: action {rec['action']['raw']!r} -> {rec['action']['executed']}"
+                  f" ({'valid' if rec['action']['valid'] else 'invalid'}), {n_ops} memory ops, "
+                  f"progression {rec['progression']:.3f}")
+        result = run_episodes([play(env, agent, args.seed, show, args.steps)], backend)[0]
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
