@@ -297,7 +297,11 @@ class MemoryAgent:
             if op.name in ("DONE", "ACTION") and op.error is None:
                 results.append({**op.to_json(), "result": None})
                 continue
-            results.append({**op.to_json(), "result": self.fs.execute(op, allowed)})
+            result = self.fs.execute(op, allowed)
+            entry = {**op.to_json(), "result": result}
+            if self.fs.last_flags:
+                entry["flags"] = sorted(self.fs.last_flags)
+            results.append(entry)
         return results
 
     @staticmethod
@@ -472,6 +476,7 @@ def play(env, agent, seed, on_step=None, max_steps=None):
         ret += reward
         record = {
             "step": step, "observation": obs["text"],
+            "state": obs.get("state"), "next_state": next_obs.get("state"),
             "log": decision["log"], "plan": decision["plan"],
             "action": {"raw": decision["action"], "executed": info["executed_action"],
                        "valid": info["valid"]},

@@ -10,6 +10,7 @@ seed (see ../shared/specs). `nle_language(obs)` is the NetHack/MiniHack text as 
     python envs.py --bench                          # ms per step, raw game vs ours
 """
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -52,6 +53,11 @@ def make_env(env, task=None, seed=0, max_steps=None, **options):
     if env == "crafter":
         return CrafterEnv(seed=seed, max_steps=max_steps or 2000, **options)
     return NLEEnv(env, task, seed=seed, max_steps=max_steps, **options)
+
+
+def _digest(data):
+    """A short hash of what the agent's situation is, for "did this action change anything"."""
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 def _normalise(text):
@@ -147,8 +153,9 @@ class CrafterEnv:
         scene = crafter_scene(info["semantic"], info["player_pos"], player.facing, self._names,
                               self._player_id, sleeping=player.sleeping, dead=player.health <= 0)
         body = crafter_body(info["inventory"])
-        return {"long_term_context": scene, "short_term_context": body,
-                "text": f"{scene}\n\n{body}"}, reward, done, info
+        text = f"{scene}\n\n{body}"
+        return {"long_term_context": scene, "short_term_context": body, "text": text,
+                "state": _digest(text.encode())}, reward, done, info
 
     def parse_action(self, text):
         key = _normalise(text)
@@ -738,8 +745,11 @@ class NLEEnv:
         language = nle_language(raw)
         language["text_message"] = message
         long_term, short_term = nle_hybrid(language, raw["tty_chars"], raw["tty_cursor"])
+        # the state leaves out the turn counter, which the screen shows and every action moves
+        state = _digest(raw["glyphs"].tobytes() + raw["blstats"][:2].tobytes() +
+                        raw["inv_strs"].tobytes() + message.encode())
         return {"long_term_context": long_term, "short_term_context": short_term,
-                "text": f"{long_term}\n{short_term}"}
+                "text": f"{long_term}\n{short_term}", "state": state}
 
     def _update_progression(self, blstats):
         """BALROG's NetHack progression: the best table value over the Dlvl and Xp reached."""

@@ -189,6 +189,7 @@ class MemoryFS:
         self.phase = "log"
         self.counters = {}  # phase -> op -> {calls, errors, empty, redundant, bytes_read, ...}
         self._current_op = None
+        self.last_flags = set()
         self._journal, self._epoch = [], 0
 
     def close(self):
@@ -310,6 +311,8 @@ class MemoryFS:
     # ---------------------------------------------------------------- counters, diffs --------
 
     def _count(self, key, n=1):
+        if key in ("empty", "redundant", "errors"):
+            self.last_flags.add(key)
         if self._current_op is None:  # a direct write (initial files), not a model's op
             return
         phase = self.counters.setdefault(self.phase, {})
@@ -349,6 +352,7 @@ class MemoryFS:
         """Run one parsed op; the result is the text the model sees. Never raises for the
         model's mistakes: they come back as `error: ...`."""
         self._current_op = op.name
+        self.last_flags = set()  # what the trace should know of this op: empty, redundant, errors
         try:
             self._count("calls")
             if op.error is None and allowed is not None and \

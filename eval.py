@@ -1,0 +1,584 @@
+"""Fixed-seed evaluation: episodes -> JSONL traces, results, final memories, summary, report, plots.
+
+    python eval.py --env crafter --scaffold v0 --model tiny-random --max-steps 20   # offline smoke
+    python eval.py --env crafter --scaffold v3 --base-url http://localhost:8000/v1 \\
+        --model Qwen/Qwen2.5-32B-Instruct                  # the paper's protocol on a vLLM server
+    accelerate launch eval.py --env all --scaffold v3      # episodes split across processes
+    python eval.py report runs/A runs/B --plot progression.png
+
+Defaults are the paper's protocol: Crafter 10 episodes (seeds 42-51), MiniHack 5 episodes on each
+of the 8 tasks, NetHack 5 episodes, Qwen/Qwen2.5-32B-Instruct at temperature 1.0. A run folder
+holds config.json, <env>/<task>/ep_<seed>.jsonl (one line per step) and ep_<seed>.json (written
+when the episode ends), <env>/<task>/memory_<seed>/, summary.json and report.md. Every figure in
+the summary is recomputed from the traces (`summarize`), which the loops reuse.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import agent as agent_mod
+import envs
+
+ROOT = Path(__file__).resolve().parent
+REFERENCE = ROOT / "data" / "reference_results.json"
+WRITE_OPS = ("APPEND", "WRITE", "UPSERT", "CREATE", "DELETE")
+CONTENT_WRITES = ("APPEND", "WRITE", "UPSERT")   # writes whose text can already be in the file
+DEFAULT_EPISODES = {"crafter": 10, "minihack": 5, "nle": 5}
+FIRST_SEED = 42
+
+
+# ---------------------------------------------------------------------------------------------
+# Traces: writing and reading
+# ---------------------------------------------------------------------------------------------
+
+class TraceWriter:
+    """Appends one JSON line per step with a single write() on an O_APPEND file, so a killed
+    process leaves whole lines only."""
+
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+
+    def write(self, record):
+        os.write(self.fd, (json.dumps(record, ensure_ascii=False) + "\n").encode())
+
+    def close(self):
+        os.close(self.fd)
+
+
+def read_trace(path):
+    """The step records of a trace; a line cut by a crash mid-write (never seen in practice,
+    see TraceWriter) is dropped rather than failing the reader."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+def write_json(path, data):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def episode_paths(run, env_name, task, seed):
+    folder = Path(run) / env_name / task
+    return folder / f"ep_{seed}.jsonl", folder / f"ep_{seed}.json", folder / f"memory_{seed}"
+
+
+def finished_episodes(run):
+    """(env, task, seed) of every episode whose result file exists."""
+    return sorted((p.parent.parent.name, p.parent.name, int(p.stem[3:]))
+                  for p in Path(run).glob("*/*/ep_*.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores and behaviour metrics, from traces alone
+# ---------------------------------------------------------------------------------------------
+
+def _ops(routine):
+    return [op for t in (routine or {}).get("turns", []) for op in t.get("ops", [])]
+
+
+def episode_stats(records):
+    """Everything reported about one episode, computed from its trace records."""
+    c = dict(steps=len(records), unproductive=0, writes=0, redundant=0, searches=0,
+             empty_searches=0, log_writes=0, log_searches=0, prompt_tokens=0,
+             completion_tokens=0, invalid_actions=0, parse_errors=0, backend_errors=0)
+    for t, r in enumerate(records):
+        if r.get("next_state") is not None and (
+                r["next_state"] == r.get("state") or
+                (t > 0 and r["next_state"] == records[t - 1].get("state"))):
+            c["unproductive"] += 1
+        c["prompt_tokens"] += r["tokens"]["prompt"]
+        c["completion_tokens"] += r["tokens"]["completion"]
+        c["invalid_actions"] += not r["action"]["valid"]
+        for phase in ("log", "plan"):
+            routine = r.get(phase)
+            if routine and routine.get("ended") == "backend_error":
+                c["backend_errors"] += 1
+            for op in _ops(routine):
+                flags = op.get("flags", [])
+                if op.get("error"):
+                    c["parse_errors"] += 1
+                    continue
+                if op["op"] in CONTENT_WRITES:
+                    c["writes"] += 1
+                    c["redundant"] += "redundant" in flags
+                if op["op"] == "SEARCH":
+                    c["searches"] += 1
+                    c["empty_searches"] += "empty" in flags
+                if phase == "log":
+                    c["log_writes"] += op["op"] in WRITE_OPS
+                    c["log_searches"] += op["op"] == "SEARCH"
+    last = records[-1] if records else {}
+    info = last.get("info", {})
+    return {
+        "steps": c["steps"], "progression": last.get("progression", 0.0),
+        "return": sum(r["reward"] for r in records),
+        "end_status": info.get("end_status") or ("max_steps" if records and not last["done"] else None),
+        "achievements": info.get("unlocked"), "counts": c,
+    }
+
+
+def _ratio(a, b):
+    return a / b if b else None
+
+
+def behaviour(counts):
+    """The paper's behaviour metrics from (summed) counts."""
+    return {
+        "unproductive_action_rate": _ratio(counts["unproductive"], counts["steps"]),
+        "redundant_write_rate": _ratio(counts["redundant"], counts["writes"]),
+        "redundant_writes": counts["redundant"],
+        "empty_search_rate": _ratio(counts["empty_searches"], counts["searches"]),
+        "mean_prompt_tokens_per_step": _ratio(counts["prompt_tokens"], counts["steps"]),
+        "log_writes_per_search": _ratio(counts["log_writes"], counts["log_searches"]),
+        "invalid_action_rate": _ratio(counts["invalid_actions"], counts["steps"]),
+    }
+
+
+def mean_se(values):
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "stderr": None, "n": 0}
+    m = sum(values) / n
+    se = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0
+    return {"mean": m, "stderr": se, "n": n}
+
+
+def _group(stats):
+    counts = {k: sum(s["counts"][k] for s in stats) for k in stats[0]["counts"]}
+    ends = {}
+    for s in stats:
+        ends[str(s["end_status"])] = ends.get(str(s["end_status"]), 0) + 1
+    prog = mean_se([100 * s["progression"] for s in stats])
+    return {"progression_pct": prog, "return": mean_se([s["return"] for s in stats]),
+            "steps": mean_se([s["steps"] for s in stats]), "end_reasons": ends,
+            "behaviour": behaviour(counts),
+            "tokens": {"prompt": counts["prompt_tokens"], "completion": counts["completion_tokens"]},
+            "seeds": sorted(s["seed"] for s in stats)}
+
+
+def summarize(run):
+    """summary.json's content, recomputed from every finished episode's trace."""
+    run = Path(run)
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+    per_env = {}
+    for env_name, task, seed in finished_episodes(run):
+        trace, _, _ = episode_paths(run, env_name, task, seed)
+        s = episode_stats(read_trace(trace))
+        s["seed"] = seed
+        per_env.setdefault(env_name, {}).setdefault(task, []).append(s)
+    summary = {"run": run.name, "model": config.get("model"), "scaffold": config.get("scaffold"),
+               "agent": config.get("agent"), "specialist": config.get("specialist"), "envs": {}}
+    everything = []
+    for env_name, tasks in per_env.items():
+        all_eps = [s for eps in tasks.values() for s in eps]
+        everything += all_eps
+        summary["envs"][env_name] = {**_group(all_eps),
+                                     "tasks": {t: _group(eps) for t, eps in sorted(tasks.items())}}
+    if everything:
+        total = _group(everything)
+        summary["behaviour"] = total["behaviour"]
+        summary["tokens"] = total["tokens"]
+    summary["wall_s"] = config.get("wall_s")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+def _pct(ms):
+    return "-" if ms["mean"] is None else f"{ms['mean']:.2f} ± {ms['stderr']:.2f}"
+
+
+def _fmt(v):
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def report_markdown(summary):
+    ref = json.loads(REFERENCE.read_text())["rows"]
+    model = summary.get("model") or "?"
+    lines = [f"# {summary['run']}", "",
+             f"Model **{model}**, scaffold **{summary.get('scaffold')}**, agent "
+             f"**{summary.get('agent')}**" + (f", specialist **{summary['specialist']}**"
+                                              if summary.get("specialist") else "") + ".",
+             "Progression in % (mean ± standard error over episodes). "
+             + ("A tiny random model proves plumbing, not skill." if model == "tiny-random" else ""), ""]
+    for env_name, e in summary["envs"].items():
+        lines += [f"## {env_name}", "", "| agent | progression % | episodes |", "| --- | --- | --- |",
+                  f"| **this run** ({model}) | {_pct(e['progression_pct'])} | {e['progression_pct']['n']} |"]
+        for row in ref:
+            if env_name in row:
+                m, se = row[env_name]
+                lines.append(f"| {row['agent']} ({row['group']}) | {m:.2f} ± {se:.2f} | paper |")
+        if len(e["tasks"]) > 1:
+            lines += ["", "| task | progression % | n | mean steps | end reasons |", "| --- | --- | --- | --- | --- |"]
+            for t, g in e["tasks"].items():
+                lines.append(f"| {t} | {_pct(g['progression_pct'])} | {g['progression_pct']['n']} | "
+                             f"{_fmt(g['steps']['mean'])} | {g['end_reasons']} |")
+        b = e["behaviour"]
+        lines += ["", "| behaviour | value |", "| --- | --- |"]
+        lines += [f"| {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in b.items()]
+        lines += [f"| return (mean) | {_fmt(e['return']['mean'])} |",
+                  f"| steps (mean) | {_fmt(e['steps']['mean'])} |",
+                  f"| end reasons | {e['end_reasons']} |", ""]
+    if summary.get("tokens"):
+        lines.append(f"Tokens: {summary['tokens']['prompt']:,} prompt, "
+                     f"{summary['tokens']['completion']:,} completion. Wall time: {_fmt(summary.get('wall_s'))} s.")
+    return "\n".join(lines) + "\n"
+
+
+def compare_markdown(summaries):
+    envs_seen = sorted({e for s in summaries for e in s["envs"]})
+    head = "| run | model | scaffold | agent | " + " | ".join(f"{e} %" for e in envs_seen) + " |"
+    lines = [head, "|" + " --- |" * (4 + len(envs_seen))]
+    for s in summaries:
+        cells = [_pct(s["envs"][e]["progression_pct"]) if e in s["envs"] else "-" for e in envs_seen]
+        agent_name = s.get("agent") or "?"
+        if s.get("specialist"):
+            agent_name += " + specialist"
+        lines.append(f"| {s['run']} | {s.get('model')} | {s.get('scaffold')} | {agent_name} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "| run | unproductive | redundant writes | empty searches | prompt tok/step | LOG writes/SEARCH |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for s in summaries:
+        b = s.get("behaviour", {})
+        lines.append(f"| {s['run']} | {_fmt(b.get('unproductive_action_rate'))} | "
+                     f"{_fmt(b.get('redundant_write_rate'))} | {_fmt(b.get('empty_search_rate'))} | "
+                     f"{_fmt(b.get('mean_prompt_tokens_per_step'))} | {_fmt(b.get('log_writes_per_search'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_progression(summaries, out):
+    """Progression per run with standard-error bars, one panel per game, and the frontier
+    models of the BALROG leaderboard as horizontal lines (as in the paper's figure)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = json.loads(REFERENCE.read_text())["rows"]
+    frontier = [r for r in ref if r["group"].startswith("frontier")]
+    envs_seen = sorted({e for s in summaries for e in s["envs"]})
+    fig, axes = plt.subplots(1, len(envs_seen), figsize=(4.2 * len(envs_seen) + 1, 4.2), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, env_name in zip(axes[0], envs_seen):
+        runs = [s for s in summaries if env_name in s["envs"]]
+        means = [s["envs"][env_name]["progression_pct"]["mean"] for s in runs]
+        errs = [s["envs"][env_name]["progression_pct"]["stderr"] for s in runs]
+        x = range(len(runs))
+        bars = ax.bar(x, means, yerr=errs, capsize=4, color="#4C72B0", alpha=0.85)
+        ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=2, fontsize=8)
+        ax.set_xticks(list(x), [s["run"] for s in runs], rotation=30, ha="right", fontsize=8)
+        for i, r in enumerate(frontier):
+            ax.axhline(r[env_name][0], ls="--", lw=1, color=colors[(i + 1) % len(colors)],
+                       label=f"{r['agent']} {r[env_name][0]:.1f}")
+        top = max([m + e for m, e in zip(means, errs)] + [r[env_name][0] for r in frontier] + [1])
+        ax.set_ylim(0, top * 1.45)  # headroom: the legend sits above the reference lines
+        ax.set_title(env_name)
+        ax.set_ylabel("progression (%)")
+        ax.legend(fontsize=7, loc="upper left", ncol=2, framealpha=0.9)
+    models = sorted({str(s.get("model")) for s in summaries})
+    fig.suptitle("Progression (mean ± s.e.)  model: " + ", ".join(models), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running an evaluation
+# ---------------------------------------------------------------------------------------------
+
+class UsageError(Exception):
+    pass
+
+
+def parse_seeds(text):
+    """'42-51', '1,5,9', '42-44,60' -> sorted unique ints."""
+    seeds = set()
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+            raise UsageError(f"malformed seed list {text!r}: use e.g. 42-51 or 1,5,9")
+        a = int(m.group(1))
+        seeds.update(range(a, int(m.group(2) or a) + 1))
+    return sorted(seeds)
+
+
+def plan_jobs(args):
+    """(env, task, seed) of every episode the command asks for."""
+    env_names = list(envs.ENVS) if args.env == "all" else [args.env]
+    if args.tasks:
+        known = {t for e in env_names for t in envs.TASKS[e]}
+        unknown = [t for t in args.tasks if t not in known]
+        if unknown:
+            raise UsageError(f"unknown task {unknown[0]!r} for --env {args.env}; valid: {', '.join(sorted(known))}")
+    jobs = []
+    for env_name in env_names:
+        tasks = [t for t in args.tasks if t in envs.TASKS[env_name]] if args.tasks else envs.TASKS[env_name]
+        if args.seeds:
+            seeds = parse_seeds(args.seeds)
+        else:
+            n = args.episodes or DEFAULT_EPISODES[env_name]
+            seeds = list(range(FIRST_SEED, FIRST_SEED + n))
+        jobs += [(env_name, t, s) for t in tasks for s in seeds]
+    return jobs
+
+
+def check_args(args):
+    """Everything that can be wrong with the command line, before any model is loaded."""
+    if args.env not in (*envs.ENVS, "all"):
+        raise UsageError(f"unknown env {args.env!r}; valid: {', '.join(envs.ENVS)}, all")
+    if args.agent not in agent_mod.AGENTS:
+        raise UsageError(f"unknown agent {args.agent!r}; valid: {', '.join(agent_mod.AGENTS)}")
+    if args.episodes is not None and args.episodes < 1:
+        raise UsageError("--episodes must be at least 1")
+    if args.specialist and args.agent != "memory":
+        raise UsageError("--specialist runs memory turns: it needs --agent memory")
+    if args.specialist and not args.model:
+        raise UsageError("--specialist needs a base model (--model)")
+    if args.specialist and not args.base_url and not Path(args.specialist).is_dir():
+        raise UsageError(f"--specialist {args.specialist!r}: no adapter folder there (with --base-url "
+                         "it is the served LoRA's model name)")
+    if args.concurrency < 1 or (args.max_steps is not None and args.max_steps < 1):
+        raise UsageError("--concurrency and --max-steps must be at least 1")
+    try:
+        scaffold = agent_mod.load_scaffold(args.scaffold)
+    except agent_mod.ScaffoldError as e:
+        raise UsageError(str(e))
+    jobs = plan_jobs(args)
+    if any(e == "minihack" and "Boxoban" in t for e, t, _ in jobs):
+        try:
+            envs._boxoban_folder()
+        except FileNotFoundError as e:
+            raise UsageError(str(e))
+    return scaffold, jobs
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _versions():
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "openai", "crafter", "nle", "minihack"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def make_config(args, scaffold, jobs):
+    return {
+        "env": args.env, "tasks": sorted({t for _, t, _ in jobs}),
+        "seeds": sorted({s for _, _, s in jobs}), "episodes": len(jobs),
+        "scaffold": scaffold.name, "scaffold_path": str(scaffold.path),
+        "scaffold_hash": scaffold.content_hash(), "agent": args.agent, "model": args.model,
+        "base_url": args.base_url, "specialist": args.specialist,
+        "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+        "max_steps": args.max_steps, "concurrency": args.concurrency,
+        "nle_seeded": not args.unseeded, "minihack_autopickup": args.autopickup,
+        "boxoban_levels": os.environ.get("BOXOBAN_LEVELS"),
+        "git_commit": _git_commit(), "versions": _versions(),
+        "command": " ".join(sys.argv),
+    }
+
+
+# settings that must match for --resume to continue a run rather than mix two
+RESUME_KEYS = ("env", "scaffold_hash", "agent", "model", "base_url", "specialist", "temperature",
+               "max_new_tokens", "max_steps", "nle_seeded", "minihack_autopickup")
+
+
+def prepare_run(args, scaffold, jobs):
+    out = Path(args.out)
+    config = make_config(args, scaffold, jobs)
+    old = out / "config.json"
+    if old.exists():
+        if not args.resume:
+            raise UsageError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+        prev = json.loads(old.read_text())
+        changed = [k for k in RESUME_KEYS if prev.get(k) != config.get(k)]
+        if changed:
+            raise UsageError(f"--resume: {out} was run with other settings ({', '.join(changed)})")
+        config["wall_s_earlier"] = prev.get("wall_s") or 0   # time spent before this resume
+    return out, config
+
+
+def load_backend(args):
+    """The model, or a one-line reason it cannot be loaded here."""
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    if args.base_url:
+        return agent_mod.OpenAIBackend(args.base_url, args.model, specialist=args.specialist, **kwargs)
+    try:
+        from accelerate import PartialState
+        state = PartialState()
+        device_map = {"": state.device} if state.num_processes > 1 else None
+        return agent_mod.HFBackend(args.model, adapter=args.specialist, device_map=device_map, **kwargs)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"eval.py: cannot load model {args.model!r} here ({type(e).__name__}: {reason}). "
+                         "For an offline smoke run use --model tiny-random; to use a served model pass "
+                         "--base-url http://HOST:PORT/v1 --model NAME.")
+
+
+def run_eval(args):
+    scaffold, jobs = check_args(args)
+    out, config = prepare_run(args, scaffold, jobs)
+    from accelerate import PartialState
+    from tqdm import tqdm
+
+    state = PartialState()
+    backend = load_backend(args)     # before anything is written: a failed load leaves no run
+    out.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        write_json(out / "config.json", config)
+    state.wait_for_everyone()
+    done = set(finished_episodes(out))
+    todo = [j for j in jobs if j not in done]
+    with state.split_between_processes(todo) as mine:
+        mine = list(mine)
+    main = state.is_main_process
+    bar_eps = tqdm(total=len(mine), desc="episodes", position=0, disable=not main or not mine)
+    bar_steps = tqdm(desc="steps", unit="step", position=1, disable=not main or not mine)
+    running = {}
+    t0 = time.time()
+
+    def episode(env_name, task, seed):
+        trace_path, result_path, memory_dir = episode_paths(out, env_name, task, seed)
+        trace_path.parent.mkdir(parents=True, exist_ok=True)
+        options = {"nle": {"seeded": not args.unseeded},
+                   "minihack": {"autopickup": args.autopickup}}.get(env_name, {})
+        env = envs.make_env(env_name, task, seed=seed, **options)
+        ag = agent_mod.make_agent(args.agent, env, scaffold, memory_dir, two_model=bool(args.specialist))
+        writer = TraceWriter(trace_path)  # truncates a partial trace from a killed run
+        key = (env_name, task, seed)
+
+        def on_step(record):
+            writer.write(record)
+            running[key] = record["progression"]
+            bar_steps.update(1)
+            bar_steps.set_postfix(running=len(running),
+                                  progression=f"{sum(running.values()) / len(running):.3f}")
+        try:
+            result = yield from agent_mod.play(env, ag, seed, on_step, args.max_steps)
+        finally:
+            writer.close()
+            ag.close()
+            running.pop(key, None)
+        result.update(env=env_name, task=task, scaffold=scaffold.name, agent=args.agent,
+                      model=args.model, specialist=args.specialist)
+        write_json(result_path, result)   # its presence marks the episode finished
+        bar_eps.update(1)
+        return result
+
+    interrupted = False
+    try:
+        agent_mod.run_episodes([episode(*j) for j in mine], backend, concurrency=args.concurrency)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar_steps.close()
+        bar_eps.close()
+    state.wait_for_everyone()
+    finished = len(finished_episodes(out))
+    if interrupted:
+        print(f"interrupted: {finished} of {len(jobs)} episodes finished in {out}; "
+              "rerun the same command with --resume to finish the rest", file=sys.stderr)
+        return 130
+    if main:
+        config["wall_s"] = round(time.time() - t0 + config.get("wall_s_earlier", 0), 2)
+        write_json(out / "config.json", config)
+        summary = summarize(out)
+        write_json(out / "summary.json", summary)
+        (out / "report.md").write_text(report_markdown(summary))
+        for env_name, e in summary["envs"].items():
+            p = e["progression_pct"]
+            print(f"{env_name}: progression {p['mean']:.2f} ± {p['stderr']:.2f} % over {p['n']} "
+                  f"episodes ({args.model})")
+        print(f"wrote {out}/summary.json and {out}/report.md")
+    return 0
+
+
+def run_report(argv):
+    p = argparse.ArgumentParser(prog="eval.py report", description="several runs side by side")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--plot", default=None, help="PNG of progression per run with s.e. bars")
+    p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    summaries = []
+    for run in args.runs:
+        if not (Path(run) / "config.json").exists():
+            p.exit(2, f"eval.py report: error: {run} is not a run folder (no config.json)\n")
+        summaries.append(summarize(run))
+    table = compare_markdown(summaries)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    if args.plot:
+        plot_progression(summaries, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", required=True, help="crafter, minihack, nle or all")
+    p.add_argument("--scaffold", default="v0", help="scaffolds/vN name or a scaffold folder")
+    p.add_argument("--agent", default="memory", help="memory (AutoMem), naive or cot")
+    p.add_argument("--model", default=agent_mod.PAPER_MODEL,
+                   help="HF id or path, 'tiny-random', or the served model's name with --base-url")
+    p.add_argument("--base-url", default=None, help="an OpenAI-compatible endpoint, e.g. vLLM")
+    p.add_argument("--specialist", default=None,
+                   help="memory specialist: a LoRA adapter folder (HF) or a served model name")
+    p.add_argument("--tasks", nargs="+", default=None)
+    p.add_argument("--episodes", type=int, default=None, help="episodes per task (seeds from 42)")
+    p.add_argument("--seeds", default=None, help="e.g. 42-51 or 1,5,9 (overrides --episodes)")
+    p.add_argument("--concurrency", type=int, default=16, help="episodes in flight at once")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on agent steps per episode")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="per model reply (default 1024; 32 for tiny-random)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<env>_<scaffold>_<agent>_<model>)")
+    p.add_argument("--resume", action="store_true", help="skip finished episodes, rerun unfinished ones")
+    p.add_argument("--unseeded", action="store_true", help="run NetHack unseeded, as BALROG does")
+    p.add_argument("--autopickup", action="store_true", help="MiniHack autopickup (AutoMem's configs)")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "report":
+        return run_report(argv[1:])
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 32 if args.model == "tiny-random" else 1024
+    if args.out is None:
+        args.out = str(ROOT / "runs" / f"{args.env}_{Path(args.scaffold).name}_{args.agent}_"
+                       f"{args.model.split('/')[-1]}")
+    try:
+        return run_eval(args)
+    except UsageError as e:
+        p.exit(2, f"eval.py: error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

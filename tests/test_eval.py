@@ -1,0 +1,216 @@
+"""eval.py: outputs, summary from traces, metrics on hand-built traces, bad arguments,
+SIGKILL + resume, Ctrl-C, reports and plots."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import eval as ev
+from agent import ScriptedServer
+
+ROOT = Path(ev.__file__).resolve().parent
+
+
+def deterministic_model(body):
+    """Depends only on the prompt, so two runs on the same seeds give the same episodes."""
+    first = body["messages"][1]["content"]
+    step = int(first.split("(step ")[1].split(")")[0])
+    last = body["messages"][-1]["content"]
+    if first.startswith("MEMORY UPDATE"):
+        if "[SEARCH" in last:
+            return f"<|APPEND|>survival_log.md|step {step} seen<|END|><|DONE|>"
+        return "<|SEARCH|>survival_log.md|seen<|END|>"
+    moves = ["Move West", "Move East", "Move North", "Move South", "Do"]
+    return f"<|ACTION|>{moves[(len(first) + step) % 5]}<|END|>"
+
+
+def run_eval(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True,
+                          text=True, env=env, **kw)
+
+
+def test_tiny_random_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    r = run_eval(["--env", "minihack", "--tasks", "MiniHack-Corridor-R3-v0", "MiniHack-Boxoban-Hard-v0",
+                  "--episodes", "2", "--max-steps", "3", "--model", "tiny-random", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["seeds"] == [42, 43] and cfg["model"] == "tiny-random" and len(cfg["scaffold_hash"]) == 64
+    assert cfg["versions"]["nle"] == "1.3.0" and cfg["git_commit"]
+    for task in ("MiniHack-Corridor-R3-v0", "MiniHack-Boxoban-Hard-v0"):
+        for seed in (42, 43):
+            trace, result, memory = ev.episode_paths(out, "minihack", task, seed)
+            lines = trace.read_text().splitlines()
+            assert len(lines) == 3 and all(json.loads(line)["step"] == i for i, line in enumerate(lines))
+            assert json.loads(result.read_text())["steps"] == 3
+            assert (memory / "strategy.md").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    # recompute the headline numbers straight from the trace files
+    progs = [100 * ev.read_trace(p)[-1]["progression"] for p in sorted(out.glob("minihack/*/ep_*.jsonl"))]
+    mh = summary["envs"]["minihack"]
+    assert mh["progression_pct"]["n"] == 4 == len(progs)
+    assert mh["progression_pct"]["mean"] == pytest.approx(sum(progs) / 4)
+    tokens = sum(r["tokens"]["prompt"] for p in out.glob("minihack/*/ep_*.jsonl") for r in ev.read_trace(p))
+    assert summary["tokens"]["prompt"] == tokens > 0
+    assert set(mh["tasks"]) == {"MiniHack-Corridor-R3-v0", "MiniHack-Boxoban-Hard-v0"}
+    assert mh["end_reasons"] == {"max_steps": 4}
+    report = (out / "report.md").read_text()
+    assert "tiny-random" in report and "AutoMem + memory training (loop 2)" in report
+    assert "proves plumbing, not skill" in report
+
+
+def test_scripted_server_run_summary_and_behaviour(tmp_path):
+    with ScriptedServer(deterministic_model) as server:
+        r = run_eval(["--env", "crafter", "--seeds", "5,6", "--max-steps", "6", "--base-url", server.url,
+                      "--model", "scripted", "--out", str(tmp_path / "run")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary == {**ev.summarize(tmp_path / "run"), "wall_s": summary["wall_s"]}
+    b = summary["envs"]["crafter"]["behaviour"]
+    # every LOG searches once then appends one line: 5 LOGs per episode
+    assert b["log_writes_per_search"] == 1.0
+    assert b["empty_search_rate"] == pytest.approx(2 / 10)   # the first SEARCH of each episode
+    assert b["redundant_write_rate"] == 0.0
+    trace = ev.read_trace(tmp_path / "run/crafter/default/ep_5.jsonl")
+    assert trace[1]["memory_diff"] == {"survival_log.md": {"appended": ["step 1 seen"]}}
+
+
+def record(state, next_state, ops_log=(), ops_plan=(), prompt=10, valid=True):
+    turn = lambda ops: {"turns": [{"ops": list(ops)}]}  # noqa: E731
+    return {"state": state, "next_state": next_state, "tokens": {"prompt": prompt, "completion": 1},
+            "action": {"valid": valid}, "log": turn(ops_log) if ops_log else None,
+            "plan": turn(ops_plan), "reward": 0.5, "done": False, "progression": 0.1, "info": {}}
+
+
+def op(name, *flags, error=None):
+    return {"op": name, "args": [], "error": error, "result": "", **({"flags": list(flags)} if flags else {})}
+
+
+def test_behaviour_metrics_on_hand_built_traces():
+    records = [
+        record("A", "B", ops_plan=[op("SEARCH", "empty")]),                       # moved
+        record("B", "A", [op("APPEND"), op("APPEND", "redundant"), op("SEARCH")]),  # back to A: oscillation
+        record("A", "A", [op("UPSERT", "redundant"), op("READ")], valid=False),    # stuck
+        record("A", "C", [op("WRITE"), op("DELETE"), op("SEARCH", "empty"), op("FLY", error="unknown")],
+               prompt=30),
+    ]
+    s = ev.episode_stats(records)
+    b = ev.behaviour(s["counts"])
+    assert b["unproductive_action_rate"] == 2 / 4
+    assert s["counts"]["writes"] == 4 and b["redundant_writes"] == 2 and b["redundant_write_rate"] == 0.5
+    assert b["empty_search_rate"] == 2 / 3
+    assert b["mean_prompt_tokens_per_step"] == (10 + 10 + 10 + 30) / 4
+    assert b["log_writes_per_search"] == 5 / 2          # APPEND x2, UPSERT, WRITE, DELETE / 2 SEARCH
+    assert b["invalid_action_rate"] == 0.25 and s["counts"]["parse_errors"] == 1
+    assert s["return"] == 2.0 and s["end_status"] == "max_steps"
+    assert ev.mean_se([10.0, 20.0, 30.0]) == {"mean": 20.0, "stderr": pytest.approx(10 / 3 ** 0.5), "n": 3}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--env", "doom"], "unknown env 'doom'"),
+    (["--env", "crafter", "--scaffold", "v77"], "unknown scaffold 'v77'"),
+    (["--env", "minihack", "--tasks", "MiniHack-Nope-v0"], "unknown task 'MiniHack-Nope-v0'"),
+    (["--env", "crafter", "--seeds", "9-3"], "malformed seed list '9-3'"),
+    (["--env", "crafter", "--agent", "cot", "--specialist", "adapters/x"], "needs --agent memory"),
+    (["--env", "crafter", "--specialist", "no/such/adapter"], "no adapter folder there"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, message):
+    r = run_eval(args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_unloadable_model_says_how_to_run_offline(tmp_path):
+    r = run_eval(["--env", "crafter", "--model", str(tmp_path / "no-model-here"), "--out", str(tmp_path / "o")])
+    assert r.returncode == 1
+    line = r.stderr.strip().splitlines()[-1]
+    assert "cannot load model" in line and "--model tiny-random" in line and "--base-url" in line
+    assert not (tmp_path / "o").exists()
+
+
+def _strict_lines(run):
+    for trace in Path(run).glob("*/*/ep_*.jsonl"):
+        for line in trace.read_text().splitlines():
+            json.loads(line)  # raises on any partial line
+
+
+def _comparable(summary):
+    return {k: v for k, v in summary.items() if k not in ("run", "wall_s")}
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    common = ["--env", "crafter", "--seeds", "1-4", "--max-steps", "12", "--concurrency", "2",
+              "--model", "scripted"]
+    with ScriptedServer(deterministic_model, delay=0.03) as server:
+        full = run_eval([*common, "--base-url", server.url, "--out", str(tmp_path / "full")])
+        assert full.returncode == 0, full.stderr[-2000:]
+        killed = tmp_path / "killed"
+        proc = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), *common, "--base-url", server.url,
+                                 "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while len(list(killed.glob("crafter/default/ep_*.json"))) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        finished = {p.name: p.stat().st_mtime_ns for p in killed.glob("crafter/default/ep_*.json*")
+                    if (p.parent / (p.stem.split(".")[0] + ".json")).exists()}
+        assert 2 <= len(list(killed.glob("crafter/default/ep_*.json"))) < 4
+        _strict_lines(killed)
+        before = len(server.requests)
+        again = run_eval([*common, "--base-url", server.url, "--out", str(killed)])
+        assert again.returncode == 2 and "--resume" in again.stderr
+        resumed = run_eval([*common, "--base-url", server.url, "--out", str(killed), "--resume"])
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        resume_requests = len(server.requests) - before
+    # finished episodes were not rerun: files untouched, and fewer requests than a full run
+    for name, mtime in finished.items():
+        assert (killed / "crafter/default" / name).stat().st_mtime_ns == mtime
+    full_requests = sum(len(t.get("turns", [])) for p in (tmp_path / "full").glob("crafter/default/*.jsonl")
+                        for r in ev.read_trace(p) for t in (r["log"] or {}, r["plan"]))
+    assert resume_requests < full_requests
+    a = json.loads((tmp_path / "full/summary.json").read_text())
+    b = json.loads((killed / "summary.json").read_text())
+    assert _comparable(a) == _comparable(b)
+    _strict_lines(killed)
+
+
+def test_ctrl_c_stops_cleanly(tmp_path):
+    with ScriptedServer(deterministic_model, delay=0.03) as server:
+        out = tmp_path / "int"
+        proc = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), "--env", "crafter", "--seeds", "1-3",
+                                 "--max-steps", "40", "--concurrency", "1", "--base-url", server.url,
+                                 "--model", "scripted", "--out", str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not list(out.glob("crafter/default/ep_*.json")) and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in err
+    _strict_lines(out)
+    assert list(out.glob("crafter/default/ep_*.json"))
+
+
+def test_report_and_plot(tmp_path):
+    runs = []
+    with ScriptedServer(deterministic_model) as server:
+        for name, seeds in (("v0", "1-3"), ("v1", "4-6")):
+            r = run_eval(["--env", "crafter", "--seeds", seeds, "--max-steps", "4", "--base-url", server.url,
+                          "--model", "scripted", "--out", str(tmp_path / name)])
+            assert r.returncode == 0, r.stderr[-2000:]
+            runs.append(str(tmp_path / name))
+    png = tmp_path / "progression.png"
+    r = run_eval(["report", *runs, "--plot", str(png), "--out", str(tmp_path / "table.md")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| v0 | scripted | v0 | memory |" in r.stdout and "| v1 |" in r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert r.stdout.startswith((tmp_path / "table.md").read_text())
+    r = run_eval(["report", str(tmp_path / "nothing")])
+    assert r.returncode == 2 and "not a run folder" in r.stderr
