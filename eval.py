@@ -3,7 +3,8 @@
     python eval.py --env crafter --scaffold v0 --model tiny-random --max-steps 20   # offline smoke
     python eval.py --env crafter --scaffold v3 --base-url http://localhost:8000/v1 \\
         --model Qwen/Qwen2.5-32B-Instruct                  # the paper's protocol on a vLLM server
-    accelerate launch eval.py --env all --scaffold v3      # episodes split across processes
+    accelerate launch eval.py --env all --scaffold v3      # episodes split across GPU processes
+    torchrun --nproc_per_node 2 eval.py --env crafter ...  # the same with CPU processes
     python eval.py report runs/A runs/B --plot progression.png
 
 Defaults are the paper's protocol: Crafter 10 episodes (seeds 42-51), MiniHack 5 episodes on each
@@ -422,14 +423,21 @@ def prepare_run(args, scaffold, jobs):
     return out, config
 
 
+def _process_state():
+    """accelerate's view of the launch: one process, or one of several (`accelerate launch`,
+    torchrun). Without CUDA it must be told to use CPU processes (gloo)."""
+    import torch
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def load_backend(args):
     """The model, or a one-line reason it cannot be loaded here."""
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     if args.base_url:
         return agent_mod.OpenAIBackend(args.base_url, args.model, specialist=args.specialist, **kwargs)
     try:
-        from accelerate import PartialState
-        state = PartialState()
+        state = _process_state()
         device_map = {"": state.device} if state.num_processes > 1 else None
         return agent_mod.HFBackend(args.model, adapter=args.specialist, device_map=device_map, **kwargs)
     except Exception as e:
@@ -442,10 +450,9 @@ def load_backend(args):
 def run_eval(args):
     scaffold, jobs = check_args(args)
     out, config = prepare_run(args, scaffold, jobs)
-    from accelerate import PartialState
     from tqdm import tqdm
 
-    state = PartialState()
+    state = _process_state()
     backend = load_backend(args)     # before anything is written: a failed load leaves no run
     out.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:

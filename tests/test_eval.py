@@ -214,3 +214,22 @@ def test_report_and_plot(tmp_path):
     assert r.stdout.startswith((tmp_path / "table.md").read_text())
     r = run_eval(["report", str(tmp_path / "nothing")])
     assert r.returncode == 2 and "not a run folder" in r.stderr
+
+
+def test_episodes_split_across_processes(tmp_path):
+    """Two launched processes (torchrun; `accelerate launch` on GPUs) share the episodes and the
+    main one merges the summary."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with ScriptedServer(deterministic_model) as server:
+        r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29561",
+                            str(ROOT / "eval.py"), "--env", "crafter", "--seeds", "1-4", "--max-steps", "3",
+                            "--base-url", server.url, "--model", "scripted", "--out", str(tmp_path / "r")],
+                           capture_output=True, text=True, timeout=600)
+        plan_requests = sum("ACTION CHOICE" in b["messages"][1]["content"] for b in server.requests)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert plan_requests == 4 * 3                       # each episode ran once, in one process
+    assert "2/2" in r.stderr                            # the main process ran half of them
+    summary = json.loads((tmp_path / "r/summary.json").read_text())
+    assert summary["envs"]["crafter"]["progression_pct"]["n"] == 4
+    for p in (tmp_path / "r").glob("crafter/default/ep_*.jsonl"):
+        assert len(ev.read_trace(p)) == 3
