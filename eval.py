@@ -6,6 +6,7 @@
     accelerate launch eval.py --env all --scaffold v3      # episodes split across GPU processes
     torchrun --nproc_per_node 2 eval.py --env crafter ...  # the same with CPU processes
     python eval.py report runs/A runs/B --plot progression.png
+    python eval.py replay runs/A runs/B --seed 42 --out replay.html   # side-by-side HTML replay
 
 Defaults are the paper's protocol: Crafter 10 episodes (seeds 42-51), MiniHack 5 episodes on each
 of the 8 tasks, NetHack 5 episodes, Qwen/Qwen2.5-32B-Instruct at temperature 1.0. A run folder
@@ -545,6 +546,114 @@ def run_report(argv):
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Replays: the same seed, several runs, panels in lockstep
+# ---------------------------------------------------------------------------------------------
+
+REPLAY_TEMPLATE = ROOT / "data" / "replay.html"
+RESULT_CHARS = 600      # memory-op results shown under a frame are cut here
+
+
+def _picture(env):
+    """The frame of the state the agent sees now: Crafter's rendered image as WebP (base64),
+    NetHack / MiniHack's terminal as rows of characters and of colour digits. Crafter frames are
+    scaled to 144 px, its art's own 16 px per cell: a third of the bytes of the 256 px render."""
+    if env.name == "crafter":
+        import base64
+        import io
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.fromarray(env.frame).resize((144, 144), Image.LANCZOS).save(buf, format="WEBP", quality=60, method=4)
+        return base64.b64encode(buf.getvalue()).decode()
+    raw = env.last_obs
+    return {"chars": [bytes(r).decode("latin-1") for r in raw["tty_chars"]],
+            "colors": ["".join("0123456789abcdef"[int(c) & 15] for c in r) for r in raw["tty_colors"]]}
+
+
+def _ops_for_page(routine):
+    return [{"op": o["op"], "args": [str(a) for a in o.get("args", [])], "error": o.get("error"),
+             "result": None if o.get("result") is None else
+             (o["result"] if len(o["result"]) <= RESULT_CHARS else o["result"][:RESULT_CHARS] + " [...]")}
+            for o in _ops(routine)]
+
+
+def replay_panel(run, seed, task=None):
+    """Rebuild one run's episode on the seeded game from its recorded actions, checking every
+    observation against the trace; the first difference stops the panel there."""
+    run = Path(run)
+    cfg = json.loads((run / "config.json").read_text())
+    found = [(e, t) for e, t, s in finished_episodes(run) if s == seed and (task is None or t == task)]
+    found += [(p.parent.parent.name, p.parent.name) for p in run.glob(f"*/*/ep_{seed}.jsonl")
+              if (p.parent.parent.name, p.parent.name) not in found and (task is None or p.parent.name == task)]
+    if not found:
+        raise UsageError(f"{run} has no episode with seed {seed}" + (f" on {task}" if task else ""))
+    if len(found) > 1:
+        raise UsageError(f"{run} has seed {seed} on several tasks ({', '.join(t for _, t in found)}): pass --task")
+    env_name, task_name = found[0]
+    records = read_trace(episode_paths(run, env_name, task_name, seed)[0])
+    options = {"nle": {"seeded": cfg.get("nle_seeded", True)},
+               "minihack": {"autopickup": cfg.get("minihack_autopickup", False)}}.get(env_name, {})
+    env = envs.make_env(env_name, task_name, seed=seed, **options)
+    obs = env.reset(seed=seed)
+    frames, frame_ids, steps, diverged = [], {}, [], None
+    for rec in records:
+        if obs["text"] != rec["observation"]:
+            diverged = {"step": rec["step"], "reason": "the rebuilt observation differs from the trace's"}
+            break
+        picture = _picture(env)
+        key = json.dumps(picture) if isinstance(picture, dict) else picture
+        if key not in frame_ids:
+            frame_ids[key] = len(frames)
+            frames.append(picture)
+        steps.append({"f": frame_ids[key], "obs": rec["observation"], "log": _ops_for_page(rec["log"]),
+                      "plan": _ops_for_page(rec["plan"]), "action": rec["action"], "reward": rec["reward"],
+                      "progression": rec["progression"]})
+        obs, _, _, info = env.step(rec["action"]["raw"])
+        if info["executed_action"] != rec["action"]["executed"]:
+            diverged = {"step": rec["step"] + 1, "reason": "the game ran another action than the trace says"}
+            break
+    return {"run": run.name, "scaffold": cfg.get("scaffold"), "model": cfg.get("model"),
+            "specialist": cfg.get("specialist"), "env": env_name, "task": task_name, "seed": seed,
+            "final_progression": records[-1]["progression"] if records else 0.0,
+            "kind": "image" if env_name == "crafter" else "tty", "frames": frames, "steps": steps,
+            "diverged": diverged}
+
+
+def build_replay(runs, seed, task=None):
+    """The self-contained HTML page: every byte of data inline, deflated."""
+    import base64
+    import zlib
+    panels = [replay_panel(run, seed, task) for run in runs]
+    packed = zlib.compressobj(9, zlib.DEFLATED, -15)
+    data = packed.compress(json.dumps({"panels": panels}, separators=(",", ":")).encode()) + packed.flush()
+    title = f"replay: seed {seed}, {panels[0]['env']} {panels[0]['task']}"
+    html = REPLAY_TEMPLATE.read_text().replace("__TITLE__", title)
+    return html.replace("__DATA__", base64.b64encode(data).decode()), panels
+
+
+def run_replay(argv):
+    p = argparse.ArgumentParser(prog="eval.py replay", description="side-by-side replay of one seed")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--task", default=None)
+    p.add_argument("--out", default=None, help="HTML file (default replay_<env>_<seed>.html)")
+    args = p.parse_args(argv)
+    for run in args.runs:
+        if not (Path(run) / "config.json").exists():
+            p.exit(2, f"eval.py replay: error: {run} is not a run folder (no config.json)\n")
+    try:
+        html, panels = build_replay(args.runs, args.seed, args.task)
+    except UsageError as e:
+        p.exit(2, f"eval.py replay: error: {e}\n")
+    out = Path(args.out or f"replay_{panels[0]['env']}_{args.seed}.html")
+    out.write_text(html)
+    for panel in panels:
+        note = f", STOPPED at step {panel['diverged']['step']}: {panel['diverged']['reason']}" if panel["diverged"] else ""
+        print(f"{panel['run']}: {len(panel['steps'])} steps, {len(panel['frames'])} distinct frames{note}")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env", required=True, help="crafter, minihack, nle or all")
@@ -574,6 +683,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "report":
         return run_report(argv[1:])
+    if argv and argv[0] == "replay":
+        return run_replay(argv[1:])
     p = build_parser()
     args = p.parse_args(argv)
     if args.max_new_tokens is None:
