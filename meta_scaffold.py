@@ -354,14 +354,10 @@ def run_meta_agent(client, model, messages, ws, budget, transcript):
 def propose(args):
     parent = agent_mod.load_scaffold(args.scaffold)
     run = Path(args.run)
-    if not (run / "config.json").exists():
-        raise SystemExit(f"meta_scaffold.py: {run} is not a run folder (no config.json)")
     cfg = json.loads((run / "config.json").read_text())
     env_name = cfg["env"] if cfg["env"] != "all" else "crafter"
     task = cfg["tasks"][0] if env_name == "minihack" else None
     out = Path(args.out) if args.out else agent_mod.SCAFFOLDS / next_version()
-    if out.exists():
-        raise SystemExit(f"meta_scaffold.py: {out} exists already; choose another --out")
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(parent.path, staging, symlinks=True,
@@ -509,6 +505,10 @@ def main(argv=None):
         agent_mod.load_scaffold(args.scaffold)
     except agent_mod.ScaffoldError as e:
         p.exit(2, f"meta_scaffold.py: error: {e}\n")
+    if not (Path(args.run) / "config.json").exists():
+        p.exit(2, f"meta_scaffold.py: error: {args.run} is not a run folder (no config.json)\n")
+    if args.out and Path(args.out).exists():
+        p.exit(2, f"meta_scaffold.py: error: {args.out} exists already; choose another --out\n")
     if args.meta_backend == "openai" and not args.meta_base_url:
         p.exit(2, "meta_scaffold.py: error: --meta-base-url (or META_BASE_URL) is needed: an "
                   "OpenAI-compatible endpoint serving --meta-model\n")

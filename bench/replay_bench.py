@@ -75,7 +75,8 @@ def scripted(body):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=45, help="45: the longest-lived of seeds 42-71 under this rule")
+    p.add_argument("--seed", type=int, default=375,
+                   help="375: the longest-lived of seeds 42-399 under this rule (869 steps)")
     p.add_argument("--keep", default=None, help="keep the run and page in this folder")
     args = p.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="replay-bench-"))
