@@ -589,6 +589,27 @@ class OpenAIBackend:
             return list(pool.map(self.complete, requests))
 
 
+def _register_float_mask_sdpa():
+    """`sdpa_float`: transformers' SDPA attention with the padding mask built once per forward as
+    an additive float mask. With a boolean mask, PyTorch converts it to float inside every layer's
+    SDPA call; for left-padded batches that conversion dominated CPU prefill (O(batch x len^2) per
+    layer). Registered through transformers' own attention interfaces; outputs are unchanged."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def float_mask(*args, **kwargs):
+        mask = sdpa_mask(*args, **kwargs)
+        if mask is None or mask.dtype != torch.bool:
+            return mask
+        dtype = kwargs.get("dtype", torch.float32)
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+    AttentionInterface.register("sdpa_float", sdpa_attention_forward)
+    AttentionMaskInterface.register("sdpa_float", float_mask)
+
+
 class HFBackend:
     """A transformers causal LM with its chat template: left-padded batched `generate`,
     `device_map="auto"` across GPUs, bf16 where supported. With `adapter`, one copy of the base
@@ -609,8 +630,12 @@ class HFBackend:
         cuda = torch.cuda.is_available()
         if dtype is None:
             dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, device_map=device_map or ("auto" if cuda else None))
+        _register_float_mask_sdpa()
+        load = dict(dtype=dtype, device_map=device_map or ("auto" if cuda else None))
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa_float", **load)
+        except (ValueError, ImportError):  # a model without SDPA support: its default attention
+            self.model = AutoModelForCausalLM.from_pretrained(path, **load)
         self.adapter = adapter
         if adapter:
             from peft import PeftModel

@@ -333,3 +333,22 @@ def test_two_model_handoff_over_a_server(tmp_path):
     turns = records[1]["plan"]["turns"]
     assert [t["role"] for t in turns] == ["specialist", "base"]
     assert turns[0]["ops"][0]["op"] == "SEARCH" and "so I would" in turns[1]["messages"][-2]["content"]
+
+
+def test_float_mask_attention_equals_plain_sdpa(tiny):
+    """The HF backend's `sdpa_float` (padding mask built once per forward) changes speed, not output."""
+    import torch
+    assert tiny.model.config._attn_implementation == "sdpa_float"
+    convs = [[{"role": "user", "content": "short"}], [{"role": "user", "content": "a much longer prompt " * 30}]]
+    enc = tiny.tok([tiny.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs],
+                   return_tensors="pt", padding=True, add_special_tokens=False)
+    assert not enc["attention_mask"].all()                 # the batch really is padded
+    with torch.no_grad():
+        fast = tiny.model(**enc).logits
+        tiny.model.set_attn_implementation("sdpa")
+        try:
+            plain = tiny.model(**enc).logits
+        finally:
+            tiny.model.set_attn_implementation("sdpa_float")
+    real = enc["attention_mask"].bool()
+    assert torch.equal(fast[real], plain[real])
