@@ -13,8 +13,9 @@ concurrently (server).
 
 Scaffold hooks (`scaffolds/vN/hooks.py`, all optional):
     extra_context(phase, ctx) -> str     text put at {extra_context} in the LOG / PLAN prompt
-    register_ops(fs, env_name)           fs.register(name, handler, arity) for extra ops
-                                         (list them in scaffold.json "ops" to allow them)
+    register_ops(fs, env_name)           fs.register(name, handler, arity, read_only=False) for
+                                         extra ops (list them in scaffold.json "ops" to allow them;
+                                         PLAN may only list ops registered read_only=True)
 
     python agent.py --env crafter --model tiny-random --steps 3     # a short smoke episode
     python agent.py --bench      # steps/s 1 vs 16 episodes on a 50 ms server; HF batched tok/s
@@ -24,20 +25,18 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from memory_fs import ALL_OPS, MemoryFS, parse_ops
+from memory_fs import ALL_OPS, WRITE_OPS, MemoryFS, parse_ops, remove_ops
 
 ROOT = Path(__file__).resolve().parent
 SCAFFOLDS = ROOT / "scaffolds"
@@ -126,7 +125,7 @@ def load_scaffold(name_or_path):
             spec.loader.exec_module(hooks)
         except Exception as e:
             fail("hooks.py", f"does not import: {type(e).__name__}: {e}")
-    extra = set()
+    extra = {}  # hook-registered op -> (arity, handler, read_only)
     if hooks and hasattr(hooks, "register_ops"):
         probe = MemoryFS(tempfile.mkdtemp(prefix="automem-probe-"))
         try:
@@ -137,7 +136,7 @@ def load_scaffold(name_or_path):
         finally:
             probe.close()
             shutil.rmtree(probe.root, ignore_errors=True)
-        extra = set(probe.extra_ops)
+        extra = dict(probe.extra_ops)
     for phase in ROUTINES:
         ops = config["ops"].get(phase)
         if not isinstance(ops, list) or not ops:
@@ -147,10 +146,11 @@ def load_scaffold(name_or_path):
             fail("scaffold.json ops", f"{phase} lists unknown ops {unknown} (hooks register: {sorted(extra)})")
     if "DONE" not in config["ops"]["log"] or "ACTION" not in config["ops"]["plan"]:
         fail("scaffold.json ops", "LOG must allow DONE and PLAN must allow ACTION")
-    writes = {"APPEND", "WRITE", "CREATE", "UPSERT", "DELETE"}
-    if writes & set(config["ops"]["plan"]):
-        fail("scaffold.json ops", "PLAN may not write memory: an action's outcome is recorded by "
-             "the next LOG, after the environment has answered")
+    writers = set(WRITE_OPS) | {n for n, (_, _, read_only) in extra.items() if not read_only}
+    if writers & set(config["ops"]["plan"]):
+        fail("scaffold.json ops", f"PLAN may not write memory ({sorted(writers & set(config['ops']['plan']))}): "
+             "an action's outcome is recorded by the next LOG, after the environment has answered "
+             "(hook ops offered to PLAN must be registered read_only=True)")
     for key in LIMITS:
         v = config["limits"].get(key)
         if not isinstance(v, int) or v < 1:
@@ -231,14 +231,6 @@ class Routine:
         self.messages.append({"role": "user", "content": content})
 
 
-def _strip_action(text):
-    """The specialist never commits: its ACTION ops are removed before the hand-off."""
-    for op in parse_ops(text).ops:
-        if op.name == "ACTION" and op.raw:
-            text = text.replace(op.raw, "", 1)
-    return text.rstrip()
-
-
 # ---------------------------------------------------------------------------------------------
 # Agents
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +289,7 @@ class MemoryAgent:
             if op.name in ("DONE", "ACTION") and op.error is None:
                 results.append({**op.to_json(), "result": None})
                 continue
-            result = self.fs.execute(op, allowed)
+            result = self.fs.execute(op)   # phase refusals were set by the parser
             entry = {**op.to_json(), "result": result}
             if self.fs.last_flags:
                 entry["flags"] = sorted(self.fs.last_flags)
@@ -378,7 +370,8 @@ class MemoryAgent:
             # the base model commits the action on the specialist's conversation
             last = r.messages[-1]
             if last["role"] == "assistant":
-                r.messages[-1] = {"role": "assistant", "content": _strip_action(last["content"])}
+                # the specialist never commits: its ACTION ops go before the hand-off
+                r.messages[-1] = {"role": "assistant", "content": remove_ops(last["content"], "ACTION").rstrip()}
                 r.tell(s.prompts["handoff"])
             else:  # the turn limit left a user message: the hand-off joins it
                 r.messages[-1] = {"role": "user", "content": last["content"] + "\n\n" + s.prompts["handoff"]}
@@ -413,6 +406,7 @@ class WindowAgent:
 
     def __init__(self, kind, env, window=16, fallback=None):
         self.name, self.env = kind, env
+        self.hook_errors = []   # no hooks here; the driver reads it from every agent
         self.system = BASELINE_SYSTEM[kind].format(instruction=env.instruction)
         self.history = deque(maxlen=window)
         self.fallback = fallback or env.default_action
@@ -483,15 +477,14 @@ def play(env, agent, seed, on_step=None, max_steps=None):
             "reward": reward, "done": done, "progression": info["progression"],
             "info": {k: v for k, v in info.items() if k not in ("valid", "executed_action", "progression")},
             "memory_diff": agent.fs.diff_since(mark) if agent.fs else None,
-            "hook_errors": agent.hook_errors[:] if getattr(agent, "hook_errors", None) else [],
+            "hook_errors": list(agent.hook_errors),
             "wall_s": round(time.time() - t0, 4),
         }
         p1, c1, l1 = _tokens(decision["log"])
         p2, c2, l2 = _tokens(decision["plan"])
         record["tokens"] = {"prompt": p1 + p2, "completion": c1 + c2}
         record["latency_s"] = round(l1 + l2, 4)
-        if getattr(agent, "hook_errors", None):
-            agent.hook_errors.clear()
+        agent.hook_errors.clear()
         agent.observe(record["action"], next_obs["text"])
         if on_step:
             on_step(record)
@@ -520,9 +513,13 @@ def run_episodes(episodes, backend, concurrency=16, on_done=None):
                 on_done(i, stop.value)
 
     def refill():
+        """Start queued episodes while there is room; returns their indices."""
+        started = []
         while queue and len(pending) < concurrency:
             i, gen = queue.popleft()
             advance(i, gen)
+            started.append(i)
+        return started
 
     refill()
     if getattr(backend, "batched", False):
@@ -534,16 +531,21 @@ def run_episodes(episodes, backend, concurrency=16, on_done=None):
             refill()
         return results
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        flying = {}
-        while pending or flying:
-            for i, (gen, req) in list(pending.items()):
-                if i not in flying.values():
-                    flying[pool.submit(backend.complete, req)] = i
+        flying = {}  # future -> episode index; each running episode has exactly one
+
+        def launch(ids):
+            for i in ids:
+                if i in pending:
+                    flying[pool.submit(backend.complete, pending[i][1])] = i
+
+        launch(list(pending))
+        while flying:
             done_futures, _ = wait(list(flying), return_when=FIRST_COMPLETED)
             for fut in done_futures:
                 i = flying.pop(fut)
                 advance(i, pending[i][0], fut.result())
-            refill()
+                launch([i])
+            launch(refill())
     return results
 
 
@@ -584,9 +586,6 @@ class OpenAIBackend:
         return Reply(r.choices[0].message.content or "", usage.prompt_tokens if usage else 0,
                      usage.completion_tokens if usage else 0, time.time() - t0)
 
-    def generate(self, requests):
-        with ThreadPoolExecutor(max_workers=max(1, len(requests))) as pool:
-            return list(pool.map(self.complete, requests))
 
 
 def _register_float_mask_sdpa():
@@ -647,9 +646,6 @@ class HFBackend:
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         if seed is not None:
             torch.manual_seed(seed)
-
-    def complete(self, request):
-        return self.generate([request])[0]
 
     def generate(self, requests):
         replies = [None] * len(requests)

@@ -20,14 +20,14 @@ import json
 import os
 import re
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import agent as agent_mod
 import eval as ev
-from memory_fs import parse_ops
+from memory_fs import READ_ONLY_OPS, WRITE_OPS, cut_after_last_terminator, parse_ops, remove_ops
 
 FOLLOW_STEPS = 10          # "progress in the following steps" looks this far ahead
-READ_OPS = ("READ", "SEARCH", "TAIL", "COUNT")
 TARGETS = ("ALL", "ATTN", "QV", "MLP")
 RECIPE_KEYS = ("rank", "alpha", "dropout", "lr", "epochs", "batch", "grad_accum", "cutoff",
                "scheduler", "warmup", "target")
@@ -43,7 +43,6 @@ PRINCIPLES = """Selection principles (keep a turn only if it is a good example t
    the action that caused it.
 4. Consultation bears on the action: PLAN lookups concern the situation at hand."""
 FENCE_RE = re.compile(r"```[^\n`]*\n(.*?)```", re.S)
-TERMINATOR_RE = re.compile(r"<\|?\s*(?:END|DONE)\s*\|?[>}]", re.I)
 
 
 def parse_recipe(text):
@@ -96,10 +95,16 @@ def consultation(turns):
     return out
 
 
+@lru_cache(maxsize=4)
+def _trace_by_step(run, env_name, task, seed):
+    """A trace re-read from disk once (kept items of one episode come together), by step."""
+    trace, _, _ = ev.episode_paths(run, env_name, task, seed)
+    return {r["step"]: r for r in ev.read_trace(trace)}
+
+
 def source_messages(run, meta):
     """The candidate's messages re-read from its trace file, for the verbatim check."""
-    trace, _, _ = ev.episode_paths(run, meta["env"], meta["task"], meta["seed"])
-    record = next(r for r in ev.read_trace(trace) if r["step"] == meta["step"])
+    record = _trace_by_step(str(run), meta["env"], meta["task"], meta["seed"])[meta["step"]]
     return routine_messages(consultation(record[meta["phase"]]["turns"]))
 
 
@@ -121,13 +126,13 @@ def candidates(run):
                 if not turns:
                     continue
                 ops = [op for tu in turns for op in tu.get("ops", [])]
-                first_write = next((i for i, op in enumerate(ops) if op["op"] in ev.WRITE_OPS and not op.get("error")), None)
-                looked = first_write is not None and any(op["op"] in READ_OPS for op in ops[:first_write])
+                first_write = next((i for i, op in enumerate(ops) if op["op"] in WRITE_OPS and not op.get("error")), None)
+                looked = first_write is not None and any(op["op"] in READ_ONLY_OPS for op in ops[:first_write])
                 features = {
                     "ops": [op["op"] for op in ops if not op.get("error")],
                     "n_ops": sum(not op.get("error") for op in ops),
-                    "writes": sum(op["op"] in ev.WRITE_OPS and not op.get("error") for op in ops),
-                    "reads": sum(op["op"] in READ_OPS and not op.get("error") for op in ops),
+                    "writes": sum(op["op"] in WRITE_OPS and not op.get("error") for op in ops),
+                    "reads": sum(op["op"] in READ_ONLY_OPS and not op.get("error") for op in ops),
                     "redundant_writes": sum("redundant" in op.get("flags", []) for op in ops),
                     "empty_searches": sum("empty" in op.get("flags", []) for op in ops),
                     "parse_errors": sum(bool(op.get("error")) for op in ops),
@@ -162,20 +167,6 @@ def end_at_done(text):
     return text
 
 
-def strip_actions(text):
-    """3. The specialist never commits actions: ACTION ops go."""
-    for op in parse_ops(text).ops:
-        if op.name == "ACTION" and op.raw:
-            text = text.replace(op.raw, "", 1)
-    return text
-
-
-def cut_after_last_terminator(text):
-    """5. Nothing after the last op terminator."""
-    ends = list(TERMINATOR_RE.finditer(text))
-    return text[:ends[-1].end()] if ends else text
-
-
 def transform(item):
     """The paper's six steps on a kept item; (item, None) or (None, why it is dropped)."""
     phase = item["meta"]["phase"]
@@ -187,14 +178,14 @@ def transform(item):
         if phase == "log":
             text = end_at_done(text)                        # 2
         else:
-            text = strip_actions(text)                      # 3
+            text = remove_ops(text, "ACTION")               # 3 the specialist never commits
         m["content"] = text
     last = messages[-1]["content"]
     if not [op for op in parse_ops(last).ops if op.error is None]:   # 4
         return None, "last assistant message holds no op"
     for m in messages:
         if m["role"] == "assistant":
-            m["content"] = cut_after_last_terminator(m["content"]).strip()   # 5
+            m["content"] = cut_after_last_terminator(m["content"]).strip()   # 5 nothing after the last op
     if any("```" in m["content"] for m in messages if m["role"] == "assistant"):   # 6
         return None, "a code fence remains"
     return {**item, "messages": messages}, None

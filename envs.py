@@ -778,7 +778,9 @@ class NLEEnv:
             if done:
                 break
         message = text_message(raw["tty_chars"])
+        skipped = 0
         while "--More--" in message and not done and self._more is not None:  # "skip more"
+            skipped += 1
             message = message.replace("--More--", "\n")
             raw, r, term, trunc, info = self._env.step(self._more)
             done = term or trunc
@@ -798,7 +800,7 @@ class NLEEnv:
         return self._observe(raw, message), reward, done, {
             "valid": action is not None, "executed_action": executed,
             "progression": self.progression, "end_status": end, "truncated": end == "truncated",
-            "reached": sorted(self.reached),
+            "reached": sorted(self.reached), "more_skipped": skipped,
         }
 
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import agent as agent_mod
 import envs
+from memory_fs import WRITE_OPS
 
 ROOT = Path(__file__).resolve().parent
 REFERENCE = ROOT / "data" / "reference_results.json"
-WRITE_OPS = ("APPEND", "WRITE", "UPSERT", "CREATE", "DELETE")
 CONTENT_WRITES = ("APPEND", "WRITE", "UPSERT")   # writes whose text can already be in the file
 DEFAULT_EPISODES = {"crafter": 10, "minihack": 5, "nle": 5}
 FIRST_SEED = 42
@@ -173,14 +173,19 @@ def _group(stats):
             "seeds": sorted(s["seed"] for s in stats)}
 
 
-def summarize(run):
-    """summary.json's content, recomputed from every finished episode's trace."""
+def summarize(run, on_episode=None):
+    """summary.json's content, recomputed from every finished episode's trace. Each trace is read
+    once; `on_episode(env, task, seed, records, stats)` lets a caller use it too (the loop #1
+    digest) instead of reading it again."""
     run = Path(run)
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
     per_env = {}
     for env_name, task, seed in finished_episodes(run):
         trace, _, _ = episode_paths(run, env_name, task, seed)
-        s = episode_stats(read_trace(trace))
+        records = read_trace(trace)
+        s = episode_stats(records)
+        if on_episode:
+            on_episode(env_name, task, seed, records, s)
         s["seed"] = seed
         per_env.setdefault(env_name, {}).setdefault(task, []).append(s)
     summary = {"run": run.name, "model": config.get("model"), "scaffold": config.get("scaffold"),
@@ -350,8 +355,6 @@ def check_args(args):
         raise UsageError("--episodes must be at least 1")
     if args.specialist and args.agent != "memory":
         raise UsageError("--specialist runs memory turns: it needs --agent memory")
-    if args.specialist and not args.model:
-        raise UsageError("--specialist needs a base model (--model)")
     if args.specialist and not args.base_url and not Path(args.specialist).is_dir():
         raise UsageError(f"--specialist {args.specialist!r}: no adapter folder there (with --base-url "
                          "it is the served LoRA's model name)")
@@ -424,6 +427,11 @@ def prepare_run(args, scaffold, jobs):
     return out, config
 
 
+def env_options(env_name, nle_seeded, minihack_autopickup):
+    """The make_env options a run records for a game (the others take none)."""
+    return {"nle": {"seeded": nle_seeded}, "minihack": {"autopickup": minihack_autopickup}}.get(env_name, {})
+
+
 def _process_state():
     """accelerate's view of the launch: one process, or one of several (`accelerate launch`,
     torchrun). Without CUDA it must be told to use CPU processes (gloo)."""
@@ -472,9 +480,7 @@ def run_eval(args):
     def episode(env_name, task, seed):
         trace_path, result_path, memory_dir = episode_paths(out, env_name, task, seed)
         trace_path.parent.mkdir(parents=True, exist_ok=True)
-        options = {"nle": {"seeded": not args.unseeded},
-                   "minihack": {"autopickup": args.autopickup}}.get(env_name, {})
-        env = envs.make_env(env_name, task, seed=seed, **options)
+        env = envs.make_env(env_name, task, seed=seed, **env_options(env_name, not args.unseeded, args.autopickup))
         ag = agent_mod.make_agent(args.agent, env, scaffold, memory_dir, two_model=bool(args.specialist))
         writer = TraceWriter(trace_path)  # truncates a partial trace from a killed run
         key = (env_name, task, seed)
@@ -582,18 +588,16 @@ def replay_panel(run, seed, task=None):
     observation against the trace; the first difference stops the panel there."""
     run = Path(run)
     cfg = json.loads((run / "config.json").read_text())
-    found = [(e, t) for e, t, s in finished_episodes(run) if s == seed and (task is None or t == task)]
-    found += [(p.parent.parent.name, p.parent.name) for p in run.glob(f"*/*/ep_{seed}.jsonl")
-              if (p.parent.parent.name, p.parent.name) not in found and (task is None or p.parent.name == task)]
+    found = sorted((p.parent.parent.name, p.parent.name) for p in run.glob(f"*/*/ep_{seed}.jsonl")
+                   if task is None or p.parent.name == task)
     if not found:
         raise UsageError(f"{run} has no episode with seed {seed}" + (f" on {task}" if task else ""))
     if len(found) > 1:
         raise UsageError(f"{run} has seed {seed} on several tasks ({', '.join(t for _, t in found)}): pass --task")
     env_name, task_name = found[0]
     records = read_trace(episode_paths(run, env_name, task_name, seed)[0])
-    options = {"nle": {"seeded": cfg.get("nle_seeded", True)},
-               "minihack": {"autopickup": cfg.get("minihack_autopickup", False)}}.get(env_name, {})
-    env = envs.make_env(env_name, task_name, seed=seed, **options)
+    env = envs.make_env(env_name, task_name, seed=seed, **env_options(
+        env_name, cfg.get("nle_seeded", True), cfg.get("minihack_autopickup", False)))
     obs = env.reset(seed=seed)
     frames, frame_ids, steps, diverged = [], {}, [], None
     for rec in records:

@@ -103,6 +103,21 @@ def parse_ops(text, allowed=None, arity=None):
     return parsed
 
 
+def remove_ops(text, name):
+    """`text` without its `name` ops as the parser finds them, malformed ones included (e.g. the
+    ACTION a memory specialist must not commit)."""
+    for op in parse_ops(text).ops:
+        if op.name == name and op.raw:
+            text = text.replace(op.raw, "", 1)
+    return text
+
+
+def cut_after_last_terminator(text):
+    """`text` up to its last op terminator (END or DONE, as the parser reads tags)."""
+    ends = [m.end() for m in TAG_RE.finditer(text) if m.group(2).upper() in ("END", "DONE")]
+    return text[:ends[-1]] if ends else text
+
+
 def _split_args(name, body, n):
     parts = body.split("|", n - 1)
     args = [p.strip() for p in parts]
@@ -299,7 +314,8 @@ class MemoryFS:
         return self._index
 
     def register(self, name, handler, arity, read_only=False):
-        """A scaffold's extra op: `handler(fs, *args)` returns the result text."""
+        """A scaffold's extra op: `handler(fs, *args)` returns the result text. Only ops
+        registered `read_only` may be offered to PLAN (see agent.load_scaffold)."""
         name = name.upper()
         if name in ARITY:
             raise ValueError(f"{name} is a built-in op")
@@ -348,16 +364,14 @@ class MemoryFS:
 
     # ---------------------------------------------------------------- execute ----------------
 
-    def execute(self, op, allowed=None):
+    def execute(self, op):
         """Run one parsed op; the result is the text the model sees. Never raises for the
-        model's mistakes: they come back as `error: ...`."""
+        model's mistakes: they come back as `error: ...` (including ops that parse_ops refused
+        for the phase)."""
         self._current_op = op.name
         self.last_flags = set()  # what the trace should know of this op: empty, redundant, errors
         try:
             self._count("calls")
-            if op.error is None and allowed is not None and \
-                    op.name not in {a.upper() for a in allowed}:
-                op.error = f"{op.name} is not allowed here; allowed ops: {', '.join(sorted(allowed))}"
             if op.error:
                 self._count("errors")
                 return f"error: {op.error}"
@@ -439,7 +453,8 @@ class MemoryFS:
 
     def _redundant(self, name, text):
         f = self._files.get(name)
-        if f is not None and _normalise(text) and _normalise(text) in f.norm:
+        norm = _normalise(text)
+        if f is not None and norm and norm in f.norm:
             self._count("redundant")
             return " (note: this text was already in the file)"
         return ""

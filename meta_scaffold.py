@@ -182,7 +182,22 @@ def longest_streak(records):
 def digest(run):
     """What the meta-LLM reads first: scores, behaviour, per-episode facts, and where things are."""
     run = Path(run)
-    summary = ev.summarize(run)
+    episodes = []
+
+    def describe(env_name, task, seed, records, s):
+        trace, _, memory = ev.episode_paths(run, env_name, task, seed)
+        ops = {}
+        for r in records:
+            for phase in ("log", "plan"):
+                for op in ev._ops(r.get(phase)):
+                    key = f"{phase}:{op['op']}" + (":error" if op.get("error") else "")
+                    ops[key] = ops.get(key, 0) + 1
+        rewards = [f"{r['step']}:{r['reward']:+.2f}" for r in records if r["reward"] > 0][:15]
+        episodes.append(f"- run/{trace.relative_to(run)} (memory: run/{memory.relative_to(run)}/): progression "
+                        f"{s['progression']:.3f}, {s['steps']} steps, {s['counts']['invalid_actions']} invalid, "
+                        f"streak {longest_streak(records)}, end {s['end_status']}, rewards at {rewards}, ops {ops}")
+
+    summary = ev.summarize(run, on_episode=describe)
     lines = [f"Run {run.name}: model {summary.get('model')}, scaffold {summary.get('scaffold')}, "
              f"agent {summary.get('agent')}."]
     for env_name, e in summary["envs"].items():
@@ -191,22 +206,7 @@ def digest(run):
                      f"behaviour {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in e['behaviour'].items()})}")
     lines.append("\nEpisodes (path in run/, progression, steps, invalid actions, longest unchanged-state "
                  "streak, reward events, ops by phase):")
-    for env_name, task, seed in ev.finished_episodes(run):
-        trace, _, memory = ev.episode_paths(run, env_name, task, seed)
-        records = ev.read_trace(trace)
-        s = ev.episode_stats(records)
-        ops = {}
-        for r in records:
-            for phase in ("log", "plan"):
-                for op in ev._ops(r.get(phase)):
-                    key = f"{phase}:{op['op']}" + (":error" if op.get("error") else "")
-                    ops[key] = ops.get(key, 0) + 1
-        rewards = [f"{r['step']}:{r['reward']:+.2f}" for r in records if r["reward"] > 0][:15]
-        rel = trace.relative_to(run)
-        lines.append(f"- run/{rel} (memory: run/{memory.relative_to(run)}/): progression "
-                     f"{s['progression']:.3f}, {s['steps']} steps, {s['counts']['invalid_actions']} invalid, "
-                     f"streak {longest_streak(records)}, end {s['end_status']}, rewards at {rewards}, ops {ops}")
-    return "\n".join(lines)
+    return "\n".join(lines + episodes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def test_baselines_window_and_parsing(tmp_path):
     def script(body):
         n = len(body["messages"])
         if "think step by step" in body["messages"][0]["content"]:
-            return f"I see grass. I should move.\n<|ACTION|>Move North<|END|>"
+            return "I see grass. I should move.\n<|ACTION|>Move North<|END|>"
         return "Do" if (n // 2) % 2 else "<|ACTION|>Noop<|END|>"   # bare name, or tagged
     with ScriptedServer(script) as server:
         backend = OpenAIBackend(server.url, "m", max_retries=0)
@@ -352,3 +352,19 @@ def test_float_mask_attention_equals_plain_sdpa(tiny):
             tiny.model.set_attn_implementation("sdpa_float")
     real = enc["attention_mask"].bool()
     assert torch.equal(fast[real], plain[real])
+
+
+def test_plan_may_only_offer_read_only_hook_ops(tmp_path):
+    """The LOG-after-observation invariant holds for hook ops too: PLAN cannot be given one that
+    may write."""
+    d = _copy_v0(tmp_path)
+    cfg = json.loads((d / "scaffold.json").read_text())
+    cfg["ops"]["plan"].append("PEEK")
+    (d / "scaffold.json").write_text(json.dumps(cfg))
+    (d / "hooks.py").write_text("def register_ops(fs, env_name):\n"
+                                "    fs.register('PEEK', lambda fs, f: fs.read(f), 1)\n")
+    with pytest.raises(ScaffoldError, match=r"PLAN may not write memory \(\['PEEK'\]\).*read_only=True"):
+        load_scaffold(d)
+    (d / "hooks.py").write_text("def register_ops(fs, env_name):\n"
+                                "    fs.register('PEEK', lambda fs, f: fs.read(f), 1, read_only=True)\n")
+    assert "PEEK" in load_scaffold(d).ops("plan")

@@ -1,5 +1,4 @@
 """envs.py against the specs: concrete strings, progression, success, seeding, bad input."""
-import hashlib
 import json
 import random
 import subprocess
@@ -268,9 +267,22 @@ def test_nethack_invalid_action_letters_and_skip_more():
     assert info["valid"] and info["executed_action"] == "i"
     obs, _, _, info = env.step("Far East")
     assert info["valid"] and info["executed_action"] == "far east"
-    for _ in range(40):
-        obs, _, done, _ = env.step("search")
-        assert "--More--" not in obs["long_term_context"].split("language observation:")[0]
+
+
+def test_nethack_skip_more_joins_the_pages():
+    env = make_env("nle", seed=5)                # seed 5 meets --More-- pages on these runs
+    env.reset()
+    skipped = []
+    for action in ["far east", "far west", "far north", "far south"] * 5:
+        obs, _, done, info = env.step(action)
+        message = obs["long_term_context"].split("message:\n", 1)[1].split("\n\nlanguage observation:")[0]
+        assert "--More--" not in message
+        if info["more_skipped"]:
+            skipped.append(message)
+            assert "\n" in message              # each --More-- became a line break between pages
+        if done:
+            break
+    assert skipped, "no --More-- met: the test would not exercise skip-more"
 
 
 # ---------------------------------------------------------------- MiniHack --------------------

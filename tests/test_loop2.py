@@ -223,7 +223,7 @@ def test_only_assistant_tokens_carry_loss():
     ids, labels = tl.assistant_labels(tok, msgs, cutoff=10_000)
     labelled = tok.decode([t for t, lab in zip(ids, labels) if lab != tl.IGNORE])
     assert labelled == "<|APPEND|>log.md|cow at 3<|END|><|im_end|>\n<|DONE|><|im_end|>\n"
-    ids_t, labels_t = torch.tensor([ids]), torch.tensor([labels])
+    labels_t = torch.tensor([labels])
     logits = torch.randn(1, len(ids), len(tok))
     base = tl.masked_loss(logits, labels_t)
     outside = torch.tensor([lab == tl.IGNORE for lab in labels[1:]] + [True])   # positions predicting no label
