@@ -600,9 +600,10 @@ def iterate(args, client):
     out = Path(args.out)
     ledger = read_ledger(args.ledger)
     iteration = 1 + len({r["iteration"] for r in ledger})
-    env_name = ev.finished_episodes(args.run[0])[0][0] if ev.finished_episodes(args.run[0]) else None
-    if env_name is None:
+    episodes = [e for run in args.run for e in ev.finished_episodes(run)]
+    if not episodes:
         raise SystemExit("curate_sft.py: the runs hold no finished episode")
+    env_name = episodes[0][0]
     last_data = Path(ledger[-1]["sft"]) if ledger else None
     decision = {"iteration": iteration, **decide(env_name, iteration, ledger, last_data, client, args.meta_model)}
     if decision["data"] == "reuse":
