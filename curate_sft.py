@@ -97,14 +97,14 @@ def check_recipe(r):
 
 def report_seeds(env_name):
     """The seeds the paper reports on (eval.py's defaults)."""
-    return set(range(ev.FIRST_SEED, ev.FIRST_SEED + ev.DEFAULT_EPISODES[env_name]))
+    return set(ev.PAPER_SEEDS[env_name])
 
 
 def training_seeds(n, skip=0):
     """The authors' draw: random.seed(999), then randint(1000, 99999) until n distinct seeds that
     are not report seeds. `skip` passes over the first draws, so that validation seeds taken after
     the training seeds are disjoint from them."""
-    rng, exclude = random.Random(999), set().union(*(report_seeds(e) for e in ev.DEFAULT_EPISODES))
+    rng, exclude = random.Random(999), set().union(*map(set, ev.PAPER_SEEDS.values()))
     seeds = []
     while len(seeds) < skip + n:
         s = rng.randint(*SEED_RANGE)

@@ -34,8 +34,8 @@ from agent import ScriptedServer  # noqa: E402
 SCAFFOLD = Path(__file__).resolve().parent / "loop2_scaffold"
 MODEL = "smollm2-135m"
 TRAIN_EPISODES, TRAIN_STEPS = 8, 4
-HELD_OUT_EPISODES, HELD_OUT_STEPS = 6, 4
-RECIPE = {"rank": 16, "alpha": 32, "dropout": 0.0, "lr": 1e-3, "epochs": 2, "batch": 4, "grad_accum": 1,
+HELD_OUT_EPISODES, HELD_OUT_STEPS = 5, 3
+RECIPE = {"rank": 16, "alpha": 32, "dropout": 0.0, "lr": 2e-3, "epochs": 1, "batch": 4, "grad_accum": 1,
           "cutoff": 1024, "scheduler": "cosine", "warmup": 0.05, "target": "ALL"}
 TARGET_RATIO = 3.0
 NOTED = ("grass", "tree", "water", "stone", "sand", "path", "cow", "table", "plant", "zombie")
@@ -45,7 +45,7 @@ DIRECTIONS = {"west": "Move West", "east": "Move East", "north": "Move North", "
 
 def expert(body):
     """The expert memory agent's reply to a LOG or PLAN request of the compact scaffold."""
-    first, last = body["messages"][1]["content"], body["messages"][-1]["content"]
+    first, last = body["messages"][0]["content"], body["messages"][-1]["content"]
     step = int(re.search(r"\(step (\d+)\)", first).group(1))
     facing = re.search(r"You face (\w+)", first)
     facing = facing.group(1) if facing else "grass"
@@ -107,7 +107,7 @@ def main(argv=None):
     times["training"] = run(ROOT / "train_lora.py", "--model", MODEL, "--data", out / "sft/train.jsonl",
                             "--recipe", out / "sft/recipe_bench.json", "--out", out / "specialist")
     train_cfg = json.loads((out / "specialist/train_config.json").read_text())
-    greedy = ("--temperature", "0", "--max-new-tokens", "48")
+    greedy = ("--temperature", "0", "--max-new-tokens", "40")
     times["held-out eval, plain"] = play(out / "plain", held_out, HELD_OUT_STEPS, MODEL, *greedy)
     times["held-out eval, specialist"] = play(out / "two_model", held_out, HELD_OUT_STEPS, MODEL, *greedy,
                                               "--specialist", out / "specialist")

@@ -2,6 +2,7 @@
 SIGKILL + resume, Ctrl-C, reports and plots."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,21 +11,32 @@ from pathlib import Path
 
 import pytest
 
+import envs
 import eval as ev
 from agent import ScriptedServer
 
 ROOT = Path(ev.__file__).resolve().parent
 
 
+def v0_step(body):
+    """The step a v0 prompt belongs to: LOG names the previous step; in PLAN, the file index
+    counts the lines of survival_log.txt, one per LOG for deterministic_model."""
+    first = body["messages"][0]["content"]
+    if first.startswith("MEMORY UPDATE"):
+        return int(re.search(r"\(step (\d+)\)", first).group(1)) + 1
+    lines = re.search(r"^survival_log.txt \((\d+) lines?\)", first, re.M)
+    return int(lines.group(1)) if lines else 0
+
+
 def deterministic_model(body):
     """Depends only on the prompt, so two runs on the same seeds give the same episodes."""
-    first = body["messages"][1]["content"]
-    step = int(first.split("(step ")[1].split(")")[0])
+    first = body["messages"][0]["content"]
+    step = v0_step(body)
     last = body["messages"][-1]["content"]
     if first.startswith("MEMORY UPDATE"):
         if "[SEARCH" in last:
-            return f"<|APPEND|>survival_log.md|step {step} seen<|END|><|DONE|>"
-        return "<|SEARCH|>survival_log.md|seen<|END|>"
+            return f"<|APPEND|>survival_log.txt|step {step} seen<|END|><|DONE|>"
+        return "<|SEARCH|>survival_log.txt|seen<|END|>"
     moves = ["Move West", "Move East", "Move North", "Move South", "Do"]
     return f"<|ACTION|>{moves[(len(first) + step) % 5]}<|END|>"
 
@@ -49,7 +61,7 @@ def test_tiny_random_end_to_end(tmp_path):
             lines = trace.read_text().splitlines()
             assert len(lines) == 3 and all(json.loads(line)["step"] == i for i, line in enumerate(lines))
             assert json.loads(result.read_text())["steps"] == 3
-            assert (memory / "strategy.md").exists()
+            assert (memory / "strategy.txt").exists()
     summary = json.loads((out / "summary.json").read_text())
     # recompute the headline numbers straight from the trace files
     progs = [100 * ev.read_trace(p)[-1]["progression"] for p in sorted(out.glob("minihack/*/ep_*.jsonl"))]
@@ -59,10 +71,16 @@ def test_tiny_random_end_to_end(tmp_path):
     tokens = sum(r["tokens"]["prompt"] for p in out.glob("minihack/*/ep_*.jsonl") for r in ev.read_trace(p))
     assert summary["tokens"]["prompt"] == tokens > 0
     assert set(mh["tasks"]) == {"MiniHack-Corridor-R3-v0", "MiniHack-Boxoban-Hard-v0"}
-    assert mh["end_reasons"] == {"max_steps": 4}
+    assert mh["end_reasons"] == {"truncated": 4}          # the run's step limit is the game's
     report = (out / "report.md").read_text()
     assert "tiny-random" in report and "AutoMem + memory training (loop 2)" in report
     assert "proves plumbing, not skill" in report
+    # the HF backend applies the model's own generation config to what the run leaves unset
+    assert cfg["sampling"] == {"max_tokens": 32, "temperature": 1.0} and "eos_token_id" in cfg["model_generation_config"]
+    assert cfg["generate_kwargs"] == {"max_new_tokens": 32, "pad_token_id": 0, "do_sample": True,
+                                      "temperature": 1.0, "top_p": 1.0, "top_k": 0}   # what generate got
+    assert ("at most 3 steps per episode (paper: 100); 4 episodes, seeds 42-43 on 2 of 8 tasks (paper: 40 "
+            "episodes, seeds 42-46 on 8 of 8 tasks); max new tokens 32 (paper: 4096).") in report
 
 
 def test_scripted_server_run_summary_and_behaviour(tmp_path):
@@ -78,13 +96,11 @@ def test_scripted_server_run_summary_and_behaviour(tmp_path):
     assert b["empty_search_rate"] == pytest.approx(2 / 10)   # the first SEARCH of each episode
     assert b["redundant_write_rate"] == 0.0
     trace = ev.read_trace(tmp_path / "run/crafter/default/ep_5.jsonl")
-    assert trace[1]["memory_diff"] == {"survival_log.md": {"appended": ["step 1 seen"]}}
-    # the system prompt is on disk once, and read back into every turn
+    assert trace[1]["memory_diff"] == {"survival_log.txt": {"appended": ["step 1 seen"]}}
+    # v0 sends no system message (as the authors' agent); test_scaffold_api checks that a
+    # scaffold's system prompt is stored once on real records
     raw = [json.loads(x) for x in (tmp_path / "run/crafter/default/ep_5.jsonl").read_text().splitlines()]
-    assert "system" in raw[0] and not any("system" in r for r in raw[1:])
-    assert raw[1]["log"]["turns"][0]["messages"][0] == ev.SYSTEM_REF
-    assert {t["messages"][0]["content"] for r in trace for name in ("log", "plan") if r[name]
-            for t in r[name]["turns"] if "messages" in t} == {raw[0]["system"]}
+    assert raw == trace and not any("system" in r for r in raw)
 
 
 def test_trace_round_trip_is_exact(tmp_path):
@@ -137,7 +153,104 @@ def test_behaviour_metrics_on_hand_built_traces():
     assert b["log_writes_per_search"] == 5 / 2          # APPEND x2, UPSERT, WRITE, DELETE / 2 SEARCH
     assert b["invalid_action_rate"] == 0.25 and s["counts"]["parse_errors"] == 1
     assert s["return"] == 2.0 and s["end_status"] == "max_steps"
-    assert ev.mean_se([10.0, 20.0, 30.0]) == {"mean": 20.0, "stderr": pytest.approx(10 / 3 ** 0.5), "n": 3}
+    # BALROG's standard error: population std (sqrt(200 / 3)) / sqrt(3)
+    assert ev.mean_se([10.0, 20.0, 30.0]) == {"mean": 20.0, "stderr": pytest.approx(200 ** 0.5 / 3), "n": 3}
+    assert ev.mean_se([7.0]) == {"mean": 7.0, "stderr": 0.0, "n": 1}
+
+
+def test_statistics_as_balrog_on_hand_computed_numbers(tmp_path):
+    """Per game all tasks' episodes pooled, per task the same, overall the mean of the games'
+    means with sqrt(sum SE^2) / games; numbers worked out by hand."""
+    (tmp_path / "config.json").write_text(json.dumps({"max_steps": 20, "temperature": 1.0, "max_new_tokens": 4096}))
+    episodes = {("crafter", "default"): {1: 0.2, 2: 0.4},
+                ("minihack", "MiniHack-Corridor-R3-v0"): {1: 1.0, 2: 0.0},
+                ("minihack", "MiniHack-Quest-Easy-v0"): {1: 0.0, 2: 0.0}}
+    for (env_name, task), by_seed in episodes.items():
+        for seed, progression in by_seed.items():
+            trace, result, _ = ev.episode_paths(tmp_path, env_name, task, seed)
+            trace.parent.mkdir(parents=True, exist_ok=True)
+            trace.write_text(json.dumps({**record("A", "B"), "progression": progression}) + "\n")
+            result.write_text("{}")
+    s = ev.summarize(tmp_path)
+    crafter, minihack = s["envs"]["crafter"]["progression_pct"], s["envs"]["minihack"]["progression_pct"]
+    assert crafter == {"mean": pytest.approx(30.0), "stderr": pytest.approx(7.0711, abs=1e-4), "n": 2}  # std 10
+    # [100, 0, 0, 0]: mean 25, population variance (75^2 + 3 * 25^2) / 4 = 1875, SE sqrt(1875) / 2
+    assert minihack == {"mean": 25.0, "stderr": pytest.approx(21.6506, abs=1e-4), "n": 4}
+    tasks = s["envs"]["minihack"]["tasks"]
+    assert tasks["MiniHack-Corridor-R3-v0"]["progression_pct"]["stderr"] == pytest.approx(35.3553, abs=1e-4)
+    assert tasks["MiniHack-Quest-Easy-v0"]["progression_pct"] == {"mean": 0.0, "stderr": 0.0, "n": 2}
+    # (30 + 25) / 2; sqrt(50 + 468.75) / 2
+    assert s["overall_progression_pct"] == {"mean": 27.5, "stderr": pytest.approx(11.3880, abs=1e-4), "n_envs": 2}
+    report = ev.report_markdown(s)
+    assert "Overall: 27.50 ± 11.39 %" in report
+    assert ("| Qwen2.5-32B-Instruct sliding window (Qwen2.5-32B baselines) | 19.55 ± 3.46 | paper |\n"
+            "| Qwen2.5-32B-Instruct sliding window + chain-of-thought (Qwen2.5-32B baselines) | 17.27 ± 2.71 | paper |\n"
+            "| AutoMem v0") in report
+    assert ("**Not the paper's protocol**, so not comparable with the rows above: at most 20 steps per episode "
+            "(paper: 2,000); 2 episodes, seeds 1-2 (paper: 10 episodes, seeds 42-51).") in report
+    # the BALROG leaderboard rows say theirs is another protocol, whatever this run's is
+    balrog_note = ("The rows marked (balrog) are BALROG leaderboard runs under BALROG's own settings, not the "
+                   "paper's protocol: a random seed per episode (NetHack unseeded); its 2024 naive runs at "
+                   "temperature 0.0 with 1024 new tokens, its reasoning models with robust_cot and 4096-8192 tokens.")
+    assert report.count(balrog_note) == 2 and "| Gemini-3-Pro (frontier (balrog)) | 57.30 ± 4.40 | paper |" in report
+    s["envs"]["crafter"]["protocol_differences"] = []
+    report = ev.report_markdown(s)
+    assert ("| AutoMem + memory training (loop 2) (AutoMem, Qwen2.5-32B) | 51.36 ± 3.81 | paper |\n\n"
+            "Protocol: the paper's (its seeds, step limit, temperature and token cap).\n\n" + balrog_note + "\n") in report
+
+
+def test_protocol_differences_name_each_departure():
+    paper = {"max_steps": None, "temperature": 1.0, "max_new_tokens": 4096, "top_p": None, "minihack_autopickup": True}
+    assert ev.protocol_differences("crafter", paper, [("default", s) for s in range(42, 52)]) == []
+    assert ev.protocol_differences("minihack", paper, [(t, s) for t in envs.MINIHACK_TASKS for s in range(42, 47)]) == []
+    assert ev.protocol_differences("nle", {**paper, "max_steps": 100_000}, [("NetHackChallenge-v0", s) for s in range(42, 47)]) == []
+    run = {"max_steps": 20, "temperature": 0.7, "max_new_tokens": 32, "top_p": 0.9, "minihack_autopickup": False}
+    assert ev.protocol_differences("crafter", run, [("default", s) for s in (1, 2, 3, 7)]) == [
+        "at most 20 steps per episode (paper: 2,000)", "4 episodes, seeds 1-3, 7 (paper: 10 episodes, seeds 42-51)",
+        "temperature 0.7 (paper: 1.0)", "max new tokens 32 (paper: 4096)", "top_p 0.9 sent (paper: the model's own)"]
+    mini = [(t, s) for t in envs.MINIHACK_TASKS[:2] for s in range(42, 47)]
+    assert ev.protocol_differences("minihack", {**paper, "minihack_autopickup": False}, mini) == [
+        "10 episodes, seeds 42-46 on 2 of 8 tasks (paper: 40 episodes, seeds 42-46 on 8 of 8 tasks)",
+        "autopickup off (paper: on)"]
+    # --unseeded NetHack (BALROG's way): the seeds name episodes, not games
+    nle_paper = [("NetHackChallenge-v0", s) for s in range(42, 47)]
+    assert ev.protocol_differences("nle", {**paper, "nle_seeded": True}, nle_paper) == []
+    assert ev.protocol_differences("nle", {**paper, "nle_seeded": False}, nle_paper) == [
+        "unseeded: every episode a new game (paper: seeds 42-46 fix the games)"]
+
+
+def test_a_step_limit_above_the_papers_is_flagged_and_is_the_games():
+    """--max-steps is the game's step limit in the run (not only a cap over the game's own), so
+    5000 on Crafter plays up to 5000 steps, and that is not the paper's 2000."""
+    long = {"max_steps": 5000, "temperature": 1.0, "max_new_tokens": 4096, "minihack_autopickup": True}
+    assert ev.protocol_differences("crafter", long, [("default", s) for s in range(42, 52)]) == [
+        "at most 5,000 steps per episode (paper: 2,000)"]
+    assert ev.protocol_differences("nle", long, [("NetHackChallenge-v0", s) for s in range(42, 47)]) == [
+        "at most 5,000 steps per episode (paper: 100,000)"]
+    assert ev.episode_env(long, "crafter", "default", 42).max_steps == 5000
+    minihack = ev.episode_env(long, "minihack", "MiniHack-Corridor-R3-v0", 42)
+    assert minihack.max_steps == minihack._env.spec.max_episode_steps == 5000 and minihack.autopickup
+    assert ev.episode_env({}, "crafter", "default", 42).max_steps == 2000
+
+
+def test_protocol_defaults_are_the_papers(tmp_path):
+    jobs = ev.plan_jobs(ev.build_parser().parse_args(["--env", "all"]))
+    assert [s for e, _, s in jobs if e == "crafter"] == list(range(42, 52))
+    assert [(t, s) for e, t, s in jobs if e == "minihack"] == [(t, s) for t in envs.MINIHACK_TASKS for s in range(42, 47)]
+    assert [(t, s) for e, t, s in jobs if e == "nle"] == [("NetHackChallenge-v0", s) for s in range(42, 47)]
+    assert envs.make_env("crafter").max_steps == 2000
+    assert envs.make_env("minihack", "MiniHack-Corridor-R3-v0").max_steps == 100
+    assert envs.make_env("nle", seed=42).max_steps == 100_000
+    with ScriptedServer(lambda body: "<|DONE|>" if "MEMORY UPDATE" in body["messages"][0]["content"]
+                        else "<|ACTION|>north<|END|>") as server:
+        r = run_eval(["--env", "minihack", "--tasks", "MiniHack-Corridor-R3-v0", "--seeds", "42", "--max-steps", "1",
+                      "--base-url", server.url, "--model", "scripted", "--out", str(tmp_path / "run")])
+        sent = {k for body in server.requests for k in body}
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (cfg["temperature"], cfg["max_new_tokens"], cfg["top_p"], cfg["minihack_autopickup"]) == (1.0, 4096, None, True)
+    assert cfg["sampling"] == {"max_tokens": 4096, "temperature": 1.0} and cfg["nle_no_progress_timeout"] == 150
+    assert sent == {"model", "messages", "max_tokens", "temperature"}     # as BALROG: no top_p
 
 
 @pytest.mark.parametrize("args,message", [
@@ -200,8 +313,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     # finished episodes were not rerun: files untouched, and fewer requests than a full run
     for name, mtime in finished.items():
         assert (killed / "crafter/default" / name).stat().st_mtime_ns == mtime
-    full_requests = sum(len(t.get("turns", [])) for p in (tmp_path / "full").glob("crafter/default/*.jsonl")
-                        for r in ev.read_trace(p) for t in (r["log"] or {}, r["plan"]))
+    full_requests = sum(len(routine["turns"]) for p in (tmp_path / "full").glob("crafter/default/*.jsonl")
+                        for r in ev.read_trace(p) for _, routine in ev.routines(r))
     assert resume_requests < full_requests
     a = json.loads((tmp_path / "full/summary.json").read_text())
     b = json.loads((killed / "summary.json").read_text())
@@ -253,7 +366,7 @@ def test_episodes_split_across_processes(tmp_path):
                             str(ROOT / "eval.py"), "--env", "crafter", "--seeds", "1-4", "--max-steps", "3",
                             "--base-url", server.url, "--model", "scripted", "--out", str(tmp_path / "r")],
                            capture_output=True, text=True, timeout=600)
-        plan_requests = sum("ACTION CHOICE" in b["messages"][1]["content"] for b in server.requests)
+        plan_requests = sum(not b["messages"][0]["content"].startswith("MEMORY UPDATE") for b in server.requests)
     assert r.returncode == 0, r.stderr[-2000:]
     assert plan_requests == 4 * 3                       # each episode ran once, in one process
     assert "2/2" in r.stderr                            # the main process ran half of them
