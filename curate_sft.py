@@ -38,7 +38,7 @@ from pathlib import Path
 
 import agent as agent_mod
 import eval as ev
-from memory_fs import cut_after_last_terminator, parse_ops
+from memory_fs import ARITY, cut_after_last_terminator, parse_ops
 
 FOLLOW_STEPS = 10          # "progress in the following steps" looks this far ahead
 TARGETS = ("ALL", "ATTN", "QV", "MLP")
@@ -198,8 +198,9 @@ def candidates(run):
                 meta = {"run": run.name, "env": env_name, "task": task, "seed": seed, "step": r["step"],
                         "phase": phase, "turns": len(turns), "role": turns[0].get("role", "base")}
                 cid = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
-                out.append({"id": cid, "meta": meta, "features": features,
-                            "messages": routine_messages(turns)})
+                out.append({"id": cid, "meta": meta, "features": features, "messages": routine_messages(turns),
+                            "arity": {op["op"]: len(op["args"]) for op in ops
+                                      if op["op"] not in ARITY and not op.get("error")}})
     return out
 
 
@@ -230,14 +231,15 @@ def unwrap_fences(text):
     return FENCE_RE.sub(lambda m: m.group(1) if parse_ops(m.group(1)).ops else m.group(0), text)
 
 
-def cut_after(text, name):
+def _ops(text, arity):
+    """The well-formed ops of a reply; `arity`: the scaffold's own ops, as traced."""
+    return [op for op in parse_ops(text, arity=arity).ops if op.error is None]
+
+
+def cut_after(text, name, arity):
     """`text` up to the end of its first well-formed `name` op (unchanged if it has none)."""
-    op = next((op for op in parse_ops(text).ops if op.name == name and op.error is None), None)
+    op = next((op for op in _ops(text, arity) if op.name == name), None)
     return text if op is None else text[:text.index(op.raw) + len(op.raw)]
-
-
-def _ops(text):
-    return [op for op in parse_ops(text).ops if op.error is None]
 
 
 POSTPROCESSING = """1. unwrap code fences around op tags;
@@ -253,33 +255,33 @@ CHECKS = ("roles alternate from user to assistant (after one system message); th
           "transforms")
 
 
-def _has_memory_op(replies):
-    return any(op.name not in ("DONE", "ACTION") for m in replies for op in _ops(m["content"]))
+def _has_memory_op(replies, arity):
+    return any(op.name not in ("DONE", "ACTION") for m in replies for op in _ops(m["content"], arity))
 
 
 def transform(item):
     """The paper's six post-processing steps (POSTPROCESSING), in order, on one candidate;
     (item, None) or (None, why it is dropped)."""
-    phase = item["meta"]["phase"]
+    phase, arity = item["meta"]["phase"], item.get("arity", {})
     messages = [dict(m) for m in item["messages"]]
     replies = [m for m in messages if m["role"] == "assistant"]
     for m in replies:
         m["content"] = unwrap_fences(m["content"])                                           # 1
     if phase == "log":
         for m in replies:
-            m["content"] = cut_after(m["content"], "DONE")                                      # 2
+            m["content"] = cut_after(m["content"], "DONE", arity)                               # 2
     else:
-        if not _has_memory_op(replies) and sum(len(m["content"]) for m in replies) < ACTION_ONLY_CHARS:
+        if not _has_memory_op(replies, arity) and sum(len(m["content"]) for m in replies) < ACTION_ONLY_CHARS:
             return None, "PLAN item with no memory op, under 200 characters (action only)"     # 3
         for i, m in enumerate(messages):
-            if m["role"] == "assistant" and any(op.name == "ACTION" for op in _ops(m["content"])):
-                m["content"] = cut_after(m["content"], "ACTION")
+            if m["role"] == "assistant" and any(op.name == "ACTION" for op in _ops(m["content"], arity)):
+                m["content"] = cut_after(m["content"], "ACTION", arity)
                 messages = messages[:i + 1]
                 replies = [x for x in messages if x["role"] == "assistant"]
                 break
-    if not _has_memory_op(replies):                                                             # 4
+    if not _has_memory_op(replies, arity):                                                      # 4
         return None, "no memory op left"
-    if not _ops(replies[-1]["content"]):
+    if not _ops(replies[-1]["content"], arity):
         return None, "the last reply holds no op"
     for m in replies:
         m["content"] = cut_after_last_terminator(m["content"]).strip()                      # 5
@@ -301,7 +303,7 @@ def check_item(item, source_messages):
     for i, m in enumerate(body):
         if m["role"] != ("user" if i % 2 == 0 else "assistant"):
             raise ValidityError(f"{item['id']}: roles do not alternate user/assistant at message {i}")
-    if not _ops(body[-1]["content"]):
+    if not _ops(body[-1]["content"], item.get("arity", {})):
         raise ValidityError(f"{item['id']}: the last reply holds no op, DONE or ACTION")
     if any("```" in m["content"] for m in body if m["role"] == "assistant"):
         raise ValidityError(f"{item['id']}: a reply still holds a code fence")

@@ -139,50 +139,41 @@ def test_curation_refuses_report_seed_episodes(tmp_path):
 
 # ---------------------------------------------------------------- ops a scaffold adds ----------
 
-def scaffold_op_trace(run):
-    """A hand-built two-step run whose LOG searches, then writes with a scaffold's own op (MAPNOTE,
-    traced with its kind as the harness records it), and whose PLAN consults a scaffold read op."""
-    def routine(ops_per_turn, role="base"):
-        turns = []
-        for k, ops in enumerate(ops_per_turn):
-            text = "".join(f"<|{o['op']}|>{'|'.join(o['args'])}<|END|>" for o in ops)
-            turn = {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "obs"}]} if k == 0 \
-                else {"added": [{"role": "user", "content": "results"}]}
-            turns.append({**turn, "role": role, "response": text, "ops": ops, "error": None})
-        return {"turns": turns, "ended": "done"}
-    search = {"op": "SEARCH", "args": ["map.md", "tree"], "error": None, "result": "1 match", "kind": "read"}
-    mapnote = {"op": "MAPNOTE", "args": ["tree", "3,4"], "error": None, "result": "ok", "kind": "write"}
-    where = {"op": "WHERE", "args": ["tree"], "error": None, "result": "3,4", "kind": "read"}
-    action = {"op": "ACTION", "args": ["Move West"], "error": None, "result": None, "kind": "control"}
-    records = []
-    for step in range(2):
-        records.append({"step": step, "observation": "obs", "state": step, "next_state": step + 1,
-                        "log": routine([[search], [mapnote]]) if step else None,
-                        "plan": routine([[where], [action]]),
-                        "action": {"raw": "Move West", "executed": "Move West", "valid": True},
-                        "reward": 0.0, "done": step == 1, "progression": 0.5 * step, "info": {},
-                        "tokens": {"prompt": 10, "completion": 5}, "memory_diff": None})
-    trace, result, _ = ev.episode_paths(run, "crafter", "default", 7)
-    trace.parent.mkdir(parents=True)
-    trace.write_text("".join(json.dumps(r) + "\n" for r in records))
-    result.write_text(json.dumps({"seed": 7, "steps": 2}))
-    (run / "config.json").write_text(json.dumps({"env": "crafter"}))
-    return records
-
-
 def test_ops_a_scaffold_adds_count_by_kind(tmp_path):
-    records = scaffold_op_trace(tmp_path / "run")
-    counts = ev.episode_stats(records)["counts"]
-    assert counts["writes"] == 1 and counts["log_writes"] == 1 and counts["log_searches"] == 1
-    assert ev.op_kind({"op": "APPEND"}) == "write" and ev.op_kind({"op": "TAIL"}) == "read"   # old traces
-    assert ev.op_kind({"op": "DONE"}) == ev.op_kind({"op": "NOPE"}) == "control"        # no memory op
-    by_phase = {c["meta"]["phase"]: c for c in cs.candidates(tmp_path / "run")}
-    log = by_phase["log"]["features"]
-    assert log["writes"] == 1 and log["reads"] == 1 and log["retrieved_before_write"]
-    assert by_phase["plan"]["features"]["reads"] == 1
-    decisions = {d["id"]: d for d in cs.heuristic_judge(list(by_phase.values()))}
-    assert decisions[by_phase["log"]["id"]]["keep"], decisions          # was "writes without looking"
-    assert cs.valid_op_share(tmp_path / "run") == {"log": 1.0, "plan": 1.0, "all": 1.0, "routines": 3}
+    """The kitchen-sink scaffold's own ops, in real episodes: a LOG that searches, then writes with
+    the map op NOTE_HERE (kind write), and a PLAN that consults VISITS (kind read). They count as
+    the writes and reads they are in eval's metrics and in curation, whose heuristic keeps them (it
+    used to drop such a LOG as "writes without looking"), and the transforms see them as ops."""
+    def model(body):
+        prompt, last = body["messages"][1]["content"], body["messages"][-1]["content"]
+        if prompt.startswith("ROUTINE log"):
+            return "<|NOTE_HERE|>corridor<|END|><|DONE|>" if last.startswith("Results:") \
+                else "<|SEARCH|>strategy.txt|doors<|END|>"
+        if prompt.startswith("ROUTINE plan"):
+            return "<|ACTION|>east<|END|>" if last.startswith(("Results:", "REJECTED")) else "<|VISITS|><|END|>"
+        return "Explored."                                   # the scaffold's third routine
+    run = tmp_path / "run"
+    with ScriptedServer(model) as server:
+        r = run_py(ROOT / "eval.py", "--env", "minihack", "--tasks", "MiniHack-Corridor-R3-v0", "--seeds", "3",
+                   "--max-steps", "4", "--scaffold", ROOT / "tests/scaffolds/kitchen_sink", "--base-url", server.url,
+                   "--model", "scripted", "--out", run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    counts = ev.episode_stats(ev.read_trace(next(run.glob("minihack/*/ep_3.jsonl"))))["counts"]
+    assert counts["writes"] == counts["log_writes"] == counts["log_searches"] == 3 and not counts["parse_errors"]
+    by_phase = {}
+    for c in cs.candidates(run):
+        by_phase.setdefault(c["meta"]["phase"], []).append(c)
+    assert set(by_phase) == {"log", "plan"} and len(by_phase["log"]) == 3 and len(by_phase["plan"]) == 4
+    assert all(c["features"]["writes"] == c["features"]["reads"] == 1 and c["features"]["retrieved_before_write"]
+               for c in by_phase["log"])
+    assert all(c["features"]["reads"] == 1 for c in by_phase["plan"])
+    assert cs.valid_op_share(run) == {"log": 1.0, "plan": 1.0, "all": 1.0, "routines": 7}
+    r = run_py(ROOT / "curate_sft.py", "--run", run, "--out", tmp_path / "sft", "--judge", "heuristic")
+    assert r.returncode == 0, r.stderr[-2000:]
+    kept = [json.loads(x)["messages"] for x in (tmp_path / "sft/train.jsonl").read_text().splitlines()]
+    replies = sorted(tuple(m["content"] for m in ex if m["role"] == "assistant") for ex in kept)
+    assert replies == 3 * [("<|SEARCH|>strategy.txt|doors<|END|>", "<|NOTE_HERE|>corridor<|END|><|DONE|>")] + \
+        4 * [("<|VISITS|><|END|>", "<|ACTION|>east<|END|>")]
 
 
 # ---------------------------------------------------------------- curation ---------------------
