@@ -256,7 +256,9 @@ def train(args):
         print(f"resumed from {ckpt}")
     t0 = time.time()
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    trainer.save_model(str(out))     # every rank: under FSDP / ZeRO-3 the adapter is gathered first
+    if trainer.is_fsdp_enabled:   # checkpoints stay sharded; the adapter is gathered into one file
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(out))     # on every rank: under FSDP / ZeRO-3 the gathering is collective
     if main:
         losses = loss_rows(trainer.state.log_history)
         cfg = {"model": args.model, "data": str(args.data), "data_sha256": hashlib.sha256(raw).hexdigest(),
