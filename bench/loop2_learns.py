@@ -19,7 +19,9 @@ plain model's (and not zero); exit 1 when it is missed.
 """
 import argparse
 import json
+import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -128,7 +130,10 @@ def main(argv=None):
     print(f"\n{'behaviour':<36}{'plain model':>14}{'specialist':>14}")
     for key in behaviour["plain"]:
         print(f"  {key.replace('_', ' '):<34}{fmt(behaviour['plain'][key]):>14}{fmt(behaviour['two_model'][key]):>14}")
-    print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {time.time() - t_start:.0f} s")
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {time.time() - t_start:.0f} s "
+          f"wall, {cpu.ru_utime + cpu.ru_stime:.0f} s CPU in the stages (load average now "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     base, spec = shares["plain"]["all"] or 0.0, shares["two_model"]["all"] or 0.0
     met = spec > 0 and spec >= TARGET_RATIO * base
     print(f"target: specialist share >= {TARGET_RATIO:g}x the plain model's: "
