@@ -4,7 +4,7 @@
 
 1. A scripted expert memory agent (an OpenAI-compatible server on 127.0.0.1) plays Crafter on
    training seeds with the compact scaffold bench/loop2_scaffold/ (v0's routines with prompts of
-   about 150 tokens, so that training fits in minutes on a CPU): LOG searches its notes for what
+   about 200 tokens, so that training fits in minutes on a CPU): LOG searches its notes for what
    it faces and appends what its last action did; PLAN searches its notes for the nearest useful
    thing, then acts.
 2. curate_sft.py curates its LOG and PLAN-consultation turns (heuristic judge, six transforms).

@@ -1,7 +1,7 @@
 """A compact v0 for bench/loop2_learns.py: LOG from the second step on (search the notes, record
 what the last action did), PLAN (search the notes, commit one action); in two-model mode the
 specialist consults first and the base model commits after a hand-off, as in v0. Prompts are
-about 150 tokens, so that a LoRA specialist trains on a CPU in minutes."""
+about 200 tokens, so that a LoRA specialist trains on a CPU in minutes."""
 import re
 
 
