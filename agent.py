@@ -7,8 +7,9 @@ harness knows no prompt and no game strategy; it keeps DESIGN.md's invariants wh
 does: every LLM call goes through it and is traced under its routine's name; memory changes only
 through MemoryFS, never once the step's action is being decided, never from a read-only op; the
 policy sees plain data and file names, never the game, the memory object, the trace writer or
-another episode (policy.py runs afresh per episode); and policy.py is checked when it is loaded
-(scaffolds/__init__.py). The API is in README.md, "Writing a scaffold".
+another episode (policy.py runs afresh per episode); policy.py is checked when it is loaded
+(scaffolds/__init__.py) and runs under a step budget; a policy error fails its episode. The API
+is in README.md, "Writing a scaffold".
 
 Agents: `memory` (a scaffold's policy), and BALROG's baselines as the paper ran them: `naive` and
 `cot` (the last 16 observations and 16 actions; bare action / reasoning then `ACTION:`), and
@@ -21,12 +22,15 @@ plumbing, not skill).
 
 An agent's step is a generator: it yields `Request`s and receives `Reply`s, so `run_episodes`
 can advance many episodes together and serve their pending requests as one batch (HF) or
-concurrently (server).
+concurrently (server). A failed request is retried, then falls back; a server that stays down
+raises `ServerDown` into the episodes it serves; an episode that raises ends `Unfinished`
+while the others go on.
 
     python agent.py --env crafter --model tiny-random --steps 3     # a short smoke episode
     python agent.py --bench      # steps/s 1 vs 16 episodes on a 50 ms server; HF batched tok/s
 """
 import argparse
+import contextlib
 import copy
 import functools
 import inspect
@@ -34,10 +38,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -56,19 +62,24 @@ PAPER_MODEL = "Qwen/Qwen2.5-32B-Instruct"
 # Requests, replies, routines: what every LLM call goes through
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class Request:
     messages: list
     role: str = "base"            # "base" commits actions; "specialist" runs memory turns
 
 
-@dataclass
+@dataclass(frozen=True)
 class Reply:
+    """A model's answer, or why there is none (`error`). `finish_reason` is the server's ("stop",
+    "length": cut at max_new_tokens, "tool_calls"), or "context_length" when the server refused
+    the prompt as too long; `retries` counts failed attempts before this answer."""
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency: float = 0.0
     error: str = None
+    finish_reason: str = None
+    retries: int = 0
 
 
 def turn_messages(turns, k):
@@ -83,16 +94,18 @@ def turn_messages(turns, k):
 def traced(reply):
     """What a trace keeps of a reply, beside the turn's input and ops."""
     return {"response": reply.text, "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-            "latency_s": round(reply.latency, 4), "error": reply.error}
+            "latency_s": round(reply.latency, 4), "error": reply.error, "finish_reason": reply.finish_reason,
+            **({"retries": reply.retries} if reply.retries else {})}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Turn:
-    """One model turn of a routine, as the policy sees it."""
+    """One model turn of a routine, as the policy sees it (its own copy)."""
     text: str             # the reply ("" when the backend failed)
     ops: list             # the ops as run and traced: {op, args, error, result, kind[, flags]}
     results: str          # the results of the ops that ran, as "[OP arg|arg]\nresult" blocks
     action: str = None    # routines with ACTION: the first committed action the game accepts, else the first
+    actions: tuple = ()   # routines with ACTION: every committed action, tags first, then `ACTION:` lines
     done: bool = False    # DONE was given
     error: str = None     # the backend failed: no reply
 
@@ -117,13 +130,20 @@ class Routine:
     def messages(self):
         return [dict(m) for m in self._messages]
 
+    def _live(self, what):
+        """A routine serves the step that opened it, not a later one (its trace line is written)."""
+        if self._agent._routines.get(self._name) is not self or self._agent._phase == "closed":
+            raise PolicyError(f"routine {self._name}.{what}: the routine belongs to an earlier step")
+
     def say(self, text):
         """Add a user message."""
+        self._live("say")
         self._messages.append({"role": "user", "content": str(text)})
 
     def rewrite_reply(self, text):
         """Replace the model's last reply in the conversation (e.g. strip an ACTION the next model
         must not see); the trace keeps what was said, and the next turn's whole input."""
+        self._live("rewrite_reply")
         if not self._messages or self._messages[-1]["role"] != "assistant":
             raise PolicyError("rewrite_reply: the conversation does not end with a reply")
         self._messages[-1] = {"role": "assistant", "content": str(text)}
@@ -131,11 +151,18 @@ class Routine:
 
     def end(self, reason):
         """How the routine ended, for the trace (e.g. "done", "turn_limit", "backend_error")."""
+        self._live("end")
         self._record["ended"] = str(reason)
 
     def ask(self, role="base"):
-        """Generator (`turn = yield from routine.ask(role)`): the model's next turn, its ops run."""
+        """Generator (`turn = yield from routine.ask(role)`): the model's next turn, its ops run.
+        The harness records the reply in the trace as it arrives (PolicyAgent.act); a reply must
+        come back here, to the ask that made the request, before anything else is asked."""
         agent = self._agent
+        self._live("ask")
+        if agent._pending or agent._answer:
+            raise PolicyError(f"routine {self._name}: one model call at a time (the last routine.ask() "
+                              "has not had its reply)")
         if role not in ("base", "specialist"):
             raise PolicyError(f"role is 'base' or 'specialist', not {role!r}")
         if not self._messages or self._messages[-1]["role"] != "user":
@@ -146,13 +173,15 @@ class Routine:
         entry["role"] = role
         self._record["turns"].append(entry)
         self._sent = len(self._messages)
-        agent._pending = Request(self.messages, role)
-        reply = yield agent._pending
-        if reply is None or reply is not agent._answer:
-            raise PolicyError("a turn's reply comes from the model, through the harness")
+        request = Request(self.messages, role)
+        agent._pending = (request, entry, Request(self.messages, role))  # the policy's copy, the trace's, the model's
+        reply = yield request
+        if agent._answer is None or reply is not agent._answer[0] or agent._answer[1] is not entry:
+            raise PolicyError("a turn's reply comes from the model, through the harness, to the routine.ask() "
+                              "that asked")
         agent._answer = None
         turn = agent._run_turn(self._name, self._ops, self._order, reply)
-        entry.update(traced(reply), ops=copy.deepcopy(turn.ops))
+        entry["ops"] = copy.deepcopy(turn.ops)
         if reply.error:
             self._sent = None    # no reply joins the conversation
         else:
@@ -166,19 +195,20 @@ class Routine:
 
 class Episode:
     """What a scaffold's policy sees of its episode (README, "Writing a scaffold"): plain data
-    and file names. The harness's own objects sit behind names starting with `_`, which policy
-    code cannot reach. `fallback` is the action run when a step commits none (one the game does
-    not accept runs the game's default): scaffold.json's for the task or the game, else the
-    game's default; the policy may set it."""
+    and file names, each read a fresh copy or immutable. The harness's own objects sit behind
+    names starting with `_`, which policy code cannot reach, and policy code assigns no attribute.
+    `fallback` is the action run when a step commits none (one the game does not accept runs the
+    game's default): scaffold.json's for the task or the game, else the game's default, until
+    `set_fallback`."""
 
     def __init__(self, agent, env, scaffold, two_model):
         self._agent, self._scaffold = agent, scaffold
         self._fixed = {"env": env.name, "task": env.task, "instruction": env.instruction,
                        "actions": tuple(env.actions), "two_model": bool(two_model)}
-        self._state, self._data = {}, copy.deepcopy(scaffold.config)
+        self._state = {}
         self._now = {"step": 0, "observation": None, "previous_action": None, "previous_observation": None}
         fallbacks = scaffold.config["fallback_action"]
-        self.fallback = fallbacks.get(env.task) or fallbacks.get(env.name) or env.default_action
+        self._fallback = str(fallbacks.get(env.task) or fallbacks.get(env.name) or env.default_action)
 
     env = property(lambda self: self._fixed["env"], doc="the game: crafter, minihack or nle")
     task = property(lambda self: self._fixed["task"], doc="the task, e.g. MiniHack-Corridor-R3-v0")
@@ -186,14 +216,19 @@ class Episode:
     actions = property(lambda self: self._fixed["actions"], doc="the game's action names")
     two_model = property(lambda self: self._fixed["two_model"], doc="a memory specialist serves 'specialist' turns")
     step = property(lambda self: self._now["step"], doc="this step's index, from 0")
-    observation = property(lambda self: self._now["observation"],
+    observation = property(lambda self: copy.copy(self._now["observation"]),
                            doc="{'text', 'long_term', 'short_term'}: what the game shows now")
-    previous_action = property(lambda self: self._now["previous_action"],
+    previous_action = property(lambda self: copy.copy(self._now["previous_action"]),
                                doc="the last step's {'raw', 'executed', 'valid'}; None at step 0")
-    previous_observation = property(lambda self: self._now["previous_observation"],
+    previous_observation = property(lambda self: copy.copy(self._now["previous_observation"]),
                                     doc="the observation the last action was chosen on; None at step 0")
     state = property(lambda self: self._state, doc="a dict kept across this episode's steps, for the policy")
-    data = property(lambda self: self._data, doc="scaffold.json, this episode's own copy")
+    data = property(lambda self: copy.deepcopy(self._scaffold.config), doc="scaffold.json (a copy)")
+    fallback = property(lambda self: self._fallback, doc="the action run when a step commits none")
+
+    def set_fallback(self, action):
+        """The action to run when a step commits none, from now on."""
+        self._fallback = str(action)
 
     def render(self, name, **fields):
         """prompts/<name>.txt with its {fields} filled (exactly its fields, checked at load)."""
@@ -252,44 +287,63 @@ class PolicyAgent:
                            max_result_chars=lim["max_result_chars"], search_cap=lim["search_cap"])
         for fname, text in scaffold.initial_files(env.name).items():
             self.fs.write(fname, text)
-        self.env, self._routines, self._pending, self._answer = env, {}, None, None
+        self.env, self._scaffold, self._routines = env, scaffold, {}
+        self._pending = self._answer = None   # (request, trace entry, request sent) / (reply, trace entry)
         self.exact_actions = bool(scaffold.config.get("exact_actions"))   # as BALROG's evaluator: exact names only
         self._phase, self._op_kind = "write", None   # phase: write -> decide (ACTION routine) -> closed
         self.ep = Episode(self, env, scaffold, two_model)
-        module = scaffold.module()
+        self._step = None   # policy.py runs in the episode's generator (act), where its errors end that episode
+
+    def _start(self):
+        """policy.py executed afresh for this episode, its ops registered, setup(ep) run."""
+        module = self._scaffold.module()
         for op, spec in module.get("OPS", {}).items():
             self.fs.register(op, functools.partial(spec["handler"], self.ep), spec["arity"], spec["kind"])
         self._step = module["step"]
         if "setup" in module:
-            module["setup"](self.ep)
+            self._scaffold.run(module["setup"], self.ep)
 
     @property
     def fallback(self):
-        return str(self.ep.fallback)
+        return self.ep.fallback
 
     def close(self):
         self.fs.close()
 
     def act(self, obs, step):
         """Generator: runs the policy's step, passing its requests out and the replies back;
-        returns {"routines": {name: {"turns", "ended"}}, "action": the step's action or None}."""
+        returns {"routines": {name: {"turns", "ended"}}, "action": the step's action or None}.
+        Each reply goes into the trace as it arrives. A policy error, a request or reply left
+        hanging, or a step over its budget (scaffold.json limits step_turns, policy_seconds)
+        raises PolicyError out of the episode."""
+        if self._step is None:
+            self._start()
         self.ep._now.update(step=step, observation={"text": obs["text"], "long_term": obs["long_term_context"],
                                                     "short_term": obs["short_term_context"]})
-        self._routines, self._phase = {}, "write"
-        out = self._step(self.ep)
+        self._routines, self._phase, turns = {}, "write", 0
+        out = self._scaffold.run(self._step, self.ep)
         if inspect.isgenerator(out):
             reply = None
             while True:
                 try:
-                    request = out.send(reply)
+                    request = self._scaffold.run(out.send, reply)
                 except StopIteration as stop:
                     out = stop.value
                     break
-                if request is None or request is not self._pending:
-                    raise PolicyError("a step yields only what routine.ask() yields")
-                self._pending = None
-                reply = self._answer = yield request
+                if self._pending is None or request is not self._pending[0]:
+                    raise PolicyError(f"step {step}: a step yields only what routine.ask() yields")
+                _, entry, sent = self._pending
+                self._pending, turns = None, turns + 1
+                if turns > self._scaffold.limit("step_turns"):
+                    raise PolicyError(f"step {step}: over budget: more than {self._scaffold.limit('step_turns')} "
+                                      "model turns (scaffold.json limits step_turns)")
+                reply = yield sent
+                entry.update(traced(reply))
+                self._answer = (reply, entry)
         self._phase = "closed"
+        if self._pending or self._answer:
+            raise PolicyError(f"step {step}: " + ("a routine.ask() request never went to the model" if self._pending
+                              else "a model reply never went back to its routine.ask() (its ops did not run)"))
         if out is not None and not isinstance(out, str):
             raise PolicyError(f"step returned a {type(out).__name__}: it returns the action (a str) or None")
         return {"routines": {n: r._record for n, r in self._routines.items()}, "action": out}
@@ -297,7 +351,7 @@ class PolicyAgent:
     def observe(self, action_record):
         """After the game answered: the step's action record; the observation it was chosen on
         becomes the previous one."""
-        self.ep._now.update(previous_action=dict(action_record), previous_observation=self.ep.observation)
+        self.ep._now.update(previous_action=dict(action_record), previous_observation=self.ep._now["observation"])
 
     def _open(self, name, ops, order, system):
         if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name) or name in RECORD_KEYS:
@@ -346,7 +400,7 @@ class PolicyAgent:
         action = next((a for a in actions if accepted(self, a)), actions[0] if actions else None)
         results = "\n\n".join(f"[{e['op']} {'|'.join(map(str, e['args']))}]\n{e['result']}"
                               for e in entries if e["result"] is not None)
-        return Turn(reply.text, entries, results, action, parsed.done)
+        return Turn(reply.text, entries, results, action, tuple(actions), parsed.done)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,22 +596,48 @@ def play(env, agent, seed, on_step=None, max_steps=None):
             "wall_s": round(time.time() - t_start, 3)}
 
 
+@dataclass
+class Unfinished:
+    """An episode that did not finish (the server stayed down, or an exception in the game, the
+    scaffold's code or the parser): why, in one line, the traceback, and the exception itself
+    (a caller may raise it again). It is not a result."""
+    reason: str
+    traceback: str
+    error: BaseException = None
+
+
+def one_line(e):
+    """`Type: message` on one line, for logs and the trace."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
 def run_episodes(episodes, backend, concurrency=16, on_done=None):
     """Run episode generators (from `play`) to the end; return their results in order.
     HF backends get one padded batch per round; servers get each episode's next request as soon
-    as its previous reply lands. At most `concurrency` episodes run at once."""
+    as its previous reply lands. At most `concurrency` episodes run at once.
+    An exception inside an episode, or one the backend raised for its request (thrown into the
+    episode's generator, so its cleanup runs), ends that episode only: its result is an
+    `Unfinished`, the others go on. `on_done(i, result)` is called as each one ends."""
     results = [None] * len(episodes)
     queue = deque(enumerate(episodes))
     pending = {}  # episode index -> (generator, request)
 
-    def advance(i, gen, reply=None):
+    def advance(i, gen, reply=None, error=None):
         try:
-            pending[i] = (gen, gen.send(reply) if reply is not None else next(gen))
+            if error is not None:
+                request = gen.throw(error)
+            else:
+                request = gen.send(reply) if reply is not None else next(gen)
+            pending[i] = (gen, request)
+            return
         except StopIteration as stop:
-            pending.pop(i, None)
             results[i] = stop.value
-            if on_done:
-                on_done(i, stop.value)
+        except Exception as e:
+            results[i] = Unfinished(one_line(e), traceback.format_exc(), e)
+        pending.pop(i, None)
+        if on_done:
+            on_done(i, results[i])
 
     def refill():
         """Start queued episodes while there is room; returns their indices."""
@@ -572,9 +652,14 @@ def run_episodes(episodes, backend, concurrency=16, on_done=None):
     if getattr(backend, "batched", False):
         while pending:
             ids = list(pending)
-            replies = backend.generate([pending[i][1] for i in ids])
-            for i, reply in zip(ids, replies):
-                advance(i, pending[i][0], reply)
+            try:
+                replies = backend.generate([pending[i][1] for i in ids])
+            except Exception as e:
+                for i in ids:
+                    advance(i, pending[i][0], error=e)
+            else:
+                for i, reply in zip(ids, replies):
+                    advance(i, pending[i][0], reply)
             refill()
         return results
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
@@ -590,7 +675,10 @@ def run_episodes(episodes, backend, concurrency=16, on_done=None):
             done_futures, _ = wait(list(flying), return_when=FIRST_COMPLETED)
             for fut in done_futures:
                 i = flying.pop(fut)
-                advance(i, pending[i][0], fut.result())
+                if fut.exception() is not None:
+                    advance(i, pending[i][0], error=fut.exception())
+                else:
+                    advance(i, pending[i][0], fut.result())
                 launch([i])
             launch(refill())
     return results
@@ -610,68 +698,237 @@ def sampling_kwargs(max_new_tokens=4096, temperature=1.0, top_p=None):
     return {k: v for k, v in given.items() if v is not None}
 
 
+class ServerDown(RuntimeError):
+    """The server failed several requests in a row: the episode cannot go on and is left
+    unfinished (rerun by --resume) instead of being played by fallback actions."""
+
+
+class BadReply(ValueError):
+    """A 200 answer that is not a chat completion (no `choices`, no `usage`, not JSON)."""
+
+
+CONTEXT_LENGTH = re.compile(r"context[ _](length|size|window)|exceed_context", re.I)
+
+
+def context_length_rejection(e):
+    """Whether a failed request is the server refusing a prompt that does not fit the model's
+    context (vLLM, SGLang, llama.cpp and OpenAI all answer 400 and say so in the message)."""
+    import openai
+    return isinstance(e, openai.BadRequestError) and bool(CONTEXT_LENGTH.search(str(e)))
+
+
+def retryable(e):
+    """Everything but a client error: the same request would be refused again."""
+    import openai
+    return not isinstance(e, openai.APIStatusError) or e.status_code in (408, 409, 429) or e.status_code >= 500
+
+
 class OpenAIBackend:
-    """Any OpenAI-compatible chat endpoint (vLLM, SGLang, a hosted API). The openai client
-    retries 429 / 5xx / connection errors with exponential backoff; after that the step falls
-    back (the reply carries the error)."""
+    """Any OpenAI-compatible chat endpoint (vLLM, SGLang, a hosted API). A request that fails in
+    any way (HTTP error, dropped connection, timeout, a body that is not a chat completion) is
+    retried `max_retries` times, waiting `backoff` s, then twice that, ...; if it still fails the
+    step falls back (the reply carries the error, the trace records it). A prompt the server
+    refuses as too long for the context is not retried: that turn fails, the step goes on.
+    After `max_failures` failed requests in a row (over all episodes: the server is shared) each
+    further failure raises `ServerDown`, which ends its episode as unfinished."""
 
     batched = False
 
-    def __init__(self, base_url, model, specialist=None, api_key=None, timeout=120.0,
-                 max_retries=4, max_new_tokens=4096, temperature=1.0, top_p=None):
+    def __init__(self, base_url, model, specialist=None, api_key=None, timeout=300.0,
+                 max_retries=5, backoff=2.0, max_failures=3, max_new_tokens=4096, temperature=1.0,
+                 top_p=None):
         from openai import OpenAI
 
-        self.client = OpenAI(base_url=base_url, timeout=timeout, max_retries=max_retries,
+        # the client's own retries are off: they cover neither bad bodies nor missing fields
+        self.client = OpenAI(base_url=base_url, timeout=timeout, max_retries=0,
                              api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY")
-        self.model, self.specialist = model, specialist
+        self.base_url, self.model, self.specialist = base_url, model, specialist
+        self.max_retries, self.backoff, self.max_failures = max_retries, backoff, max_failures
         self.sampling = sampling_kwargs(max_new_tokens, temperature, top_p)
+        self.failures = 0           # failed requests in a row, any episode
+        self._lock = threading.Lock()
 
     def complete(self, request):
-        import openai
-
         model = self.specialist if request.role == "specialist" else self.model
         if model is None:
             return Reply("", error="no specialist model configured")
         t0 = time.time()
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), 60))
+            try:
+                r = self.client.chat.completions.create(model=model, messages=request.messages, **self.sampling)
+                choices, usage = getattr(r, "choices", None), getattr(r, "usage", None)
+                if not choices or usage is None:
+                    raise BadReply(f"the answer has no {'choices' if not choices else 'usage'}")
+            except Exception as e:  # the client raises JSONDecodeError, AttributeError, ... too
+                error = one_line(e)
+                if context_length_rejection(e):
+                    self._count(failed=False)  # the server is up: it read the prompt
+                    return Reply("", latency=time.time() - t0, error=error,
+                                 finish_reason="context_length", retries=attempt)
+                if not retryable(e):
+                    break
+                continue
+            self._count(failed=False)
+            return Reply(choices[0].message.content or "", usage.prompt_tokens, usage.completion_tokens,
+                         time.time() - t0, finish_reason=choices[0].finish_reason, retries=attempt)
+        self._count(failed=True, error=error)
+        return Reply("", latency=time.time() - t0, error=error, retries=attempt)
+
+    def _count(self, failed, error=None):
+        with self._lock:
+            self.failures = self.failures + 1 if failed else 0
+            down = self.failures >= self.max_failures
+        if failed and down:
+            raise ServerDown(f"server {self.base_url} down: {self.failures} requests in a row failed "
+                             f"after {self.max_retries} retries each (last: {error})")
+
+    def model_check(self):
+        """(names among the model and specialist the server does not serve, names it serves), from
+        /v1/models. A server that cannot list them (`transformers serve` answers 500 for a model
+        loaded from a local path) is asked for one token from each instead. Raises ServerDown
+        when the server cannot be reached."""
+        import openai
+
+        wanted = [m for m in (self.model, self.specialist) if m]
+        client = self.client.with_options(timeout=min(self.client.timeout, 60))
+
+        def answers(model):
+            try:
+                client.chat.completions.create(model=model, max_tokens=1,
+                                               messages=[{"role": "user", "content": "Say OK."}])
+                return True
+            except openai.APIStatusError:
+                return False
         try:
-            r = self.client.chat.completions.create(model=model, messages=request.messages, **self.sampling)
-        except openai.OpenAIError as e:
-            return Reply("", latency=time.time() - t0, error=f"{type(e).__name__}: {e}")
-        usage = r.usage
-        return Reply(r.choices[0].message.content or "", usage.prompt_tokens if usage else 0,
-                     usage.completion_tokens if usage else 0, time.time() - t0)
+            try:
+                served = {m.id for m in client.models.list()}
+            except (openai.APIStatusError, ValueError, AttributeError):   # it cannot list
+                served = {m for m in wanted if answers(m)}
+        except openai.APIConnectionError as e:
+            raise ServerDown(f"cannot reach {self.base_url} ({one_line(e)})")
+        return [m for m in wanted if m not in served], sorted(served)
+
+
+class DoesNotFit(ValueError):
+    """The model and its KV cache cannot fit the GPUs a process has (a one-line reason)."""
+
+
+GIB = 2 ** 30
+GPU_RESERVE = 0.1   # of each GPU, left for the CUDA context and activations
+
+
+def kv_bytes_per_token(config, dtype_bytes):
+    """Bytes of KV cache one token takes across all layers."""
+    c = config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def parameter_count(config):
+    """Exact, from the architecture built on the meta device: no weights are read or allocated."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def memory_plan(config, dtype_bytes, gpu_bytes, batch_tokens=None, max_new_tokens=1024, name="the model"):
+    """Weights + KV cache on a process's GPUs (`gpu_bytes`: each one's size), and the batch token
+    budget: `batch_tokens`, or when None the largest that fits. A batch's static cache holds at most
+    `batch_tokens` tokens; while it fills, one prompt's own prefill cache is alive beside it, at most
+    half the budget (a batch has two prompts or more), hence 1.5x. Raises DoesNotFit (one line)
+    when it cannot fit. A LoRA adapter's weights are left out: they are a few hundred MB at most."""
+    weights = parameter_count(config) * dtype_bytes
+    per_token = kv_bytes_per_token(config, dtype_bytes)
+    usable = sum(gpu_bytes) * (1 - GPU_RESERVE)
+    fits = int((usable - weights) / (1.5 * per_token))
+    smallest = max_new_tokens + 4096          # one typical prompt and its reply
+    budget = fits if batch_tokens is None else batch_tokens
+    plan = {"weights_gib": weights / GIB, "kv_bytes_per_token": per_token, "batch_tokens": budget,
+            "kv_gib": 1.5 * per_token * budget / GIB, "usable_gib": usable / GIB, "gpus": len(gpu_bytes)}
+    if budget > fits or budget < smallest:
+        want = max(budget, smallest)
+        raise DoesNotFit(
+            f"{name} does not fit: {plan['weights_gib']:.1f} GiB of weights + {1.5 * per_token * want / GIB:.1f} "
+            f"GiB of KV cache for batches of {want:,} tokens > {plan['usable_gib']:.1f} GiB usable on "
+            f"{len(gpu_bytes)} GPU(s) of {max(gpu_bytes) / GIB:.0f} GiB; give each process more GPUs "
+            f"(--gpus-per-process), lower --batch-tokens, or serve it with vLLM (--base-url)")
+    return plan
+
+
+def process_gpus(n_visible, local_rank=0, local_world=1, per_process=None):
+    """This process's GPUs when `local_world` processes share a machine's `n_visible` GPUs: an
+    equal slice each unless `per_process` says how many (2 processes x 4 GPUs for a 32B model
+    on 8). The launcher (torchrun, accelerate launch) sets LOCAL_RANK and LOCAL_WORLD_SIZE."""
+    per = per_process or max(1, n_visible // local_world)
+    first = local_rank * per
+    if first + per > n_visible:
+        raise DoesNotFit(f"process {local_rank} of {local_world} on this machine wants GPUs "
+                         f"{first}-{first + per - 1} but only {n_visible} are visible")
+    return list(range(first, first + per))
+
+
+def token_batches(lengths, budget, max_new_tokens):
+    """Indices of prompts split into batches whose static cache, rows x (longest prompt +
+    max_new_tokens), stays within `budget` tokens; sorted by length, so rows pad little. A prompt
+    over the budget runs alone."""
+    batches = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if batches and (len(batches[-1]) + 1) * (lengths[i] + max_new_tokens) <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 class HFBackend:
     """A transformers causal LM with its chat template: batched `generate` (prompts prefilled
-    unpadded, then decoded together from a left-padded static cache), `device_map="auto"` across
-    GPUs, bf16 where supported. With `adapter`, one copy of the base weights serves both roles:
-    the adapter is on for specialist turns, off for base turns."""
+    unpadded, then decoded together from a left-padded static cache), bf16 where supported.
+    On GPUs: the model spreads over `gpus` (default: all visible), its weights plus the KV cache
+    of a `batch_tokens` budget are checked against their memory before loading (the budget is
+    the largest that fits when not given), a round's prompts run in batches within the budget,
+    and decoding is not compiled (transformers would compile it for a static cache on CUDA,
+    recompiling for every new batch shape). With `adapter`, one copy of the base weights serves
+    both roles: the adapter is on for specialist turns, off for base turns."""
 
     batched = True
 
     def __init__(self, model, adapter=None, max_new_tokens=4096, temperature=1.0, top_p=None,
-                 dtype=None, device_map=None, seed=None):
+                 dtype=None, gpus=None, batch_tokens=None, seed=None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         path, kwargs = model_path(model)
+        cuda = torch.cuda.is_available()
+        if dtype is None:
+            dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+        device_map, self.plan = None, None
+        if cuda:
+            gpus = list(range(torch.cuda.device_count())) if gpus is None else gpus
+            sizes = [torch.cuda.get_device_properties(g).total_memory for g in gpus]
+            config = AutoConfig.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
+            self.plan = memory_plan(config, dtype.itemsize, sizes, batch_tokens, max_new_tokens, name=model)
+            batch_tokens = self.plan["batch_tokens"]
+            device_map = {"": gpus[0]} if len(gpus) == 1 else "auto"
         self.tok = AutoTokenizer.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
         self.tok.padding_side = "left"
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        cuda = torch.cuda.is_available()
-        if dtype is None:
-            dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, device_map=device_map or ("auto" if cuda else None), **kwargs)
+            path, dtype=dtype, device_map=device_map,
+            max_memory={g: int(b * (1 - GPU_RESERVE)) for g, b in zip(gpus, sizes)} if device_map == "auto" else None,
+            **kwargs)
         self.adapter = adapter
         if adapter:
             from peft import PeftModel
             self.model = PeftModel.from_pretrained(self.model, adapter)
         self.model.eval()
         self.unpadded_prefill = True
-        self.max_new_tokens = max_new_tokens
+        self.batch_tokens, self.max_new_tokens = batch_tokens, max_new_tokens
         self.sampling = sampling_kwargs(max_new_tokens, temperature, top_p)
         self.model_generation_config = own_generation_config(path)
         if seed is not None:
@@ -687,8 +944,15 @@ class HFBackend:
                 for i in ids:
                     replies[i] = Reply("", error="no specialist adapter loaded")
                 continue
-            for i, reply in zip(ids, self._generate([requests[i].messages for i in ids], role)):
-                replies[i] = reply
+            prompts = [self.tok.apply_chat_template(requests[i].messages, add_generation_prompt=True,
+                                                    tokenize=False) for i in ids]
+            batches = [list(range(len(ids)))]
+            if self.batch_tokens:
+                lengths = [len(x) for x in self.tok(prompts, add_special_tokens=False)["input_ids"]]
+                batches = token_batches(lengths, self.batch_tokens, self.max_new_tokens)
+            for batch in batches:
+                for k, reply in zip(batch, self._generate([prompts[k] for k in batch], role)):
+                    replies[ids[k]] = reply
         return replies
 
     def generate_kwargs(self):
@@ -706,34 +970,38 @@ class HFBackend:
         return kwargs
 
     def _prefill_unpadded(self, enc):
-        """Prefill a left-padded batch prompt by prompt and return a static cache holding all but
-        each prompt's last token, left-padded, for `generate` to finish and decode. A padded batched
+        """Prefill a left-padded batch prompt by prompt into a static cache holding all but each
+        prompt's last token, left-padded, for `generate` to finish and decode. A padded batched
         prefill computes the padding too and needs a batch x length^2 mask, which keeps SDPA off
         its causal kernel (on CPU it cost 1.7x the prompts prefilled one by one, chunked or not);
-        this costs what one by one costs. The static cache then decodes the batch with no
-        per-token concatenation (a dynamic one copies the whole batch's cache every token).
+        this costs what one by one costs. Each prompt's own cache is freed as soon as it is
+        copied, so only one lives beside the batch's. The static cache then decodes the batch with
+        no per-token concatenation (a dynamic one copies the whole batch's cache every token).
         A lone prompt needs neither: `generate`'s defaults are fastest for it."""
-        import torch
         from transformers import StaticCache
 
         ids, keep = enc["input_ids"], enc["attention_mask"].bool()
         width = ids.shape[1] - 1
-        rows = [self.model(input_ids=row[k][None, :-1], use_cache=True, logits_to_keep=1).past_key_values
-                for row, k in zip(ids, keep)]
         cache = StaticCache(config=self.model.config, max_cache_len=width + 1 + self.max_new_tokens)
-        for i in range(len(rows[0].layers)):
-            keys, values = (torch.cat([torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0)) for t in ts])
-                            for ts in zip(*((r.layers[i].keys, r.layers[i].values) for r in rows)))
-            cache.update(keys, values, i)
+        static = []  # per layer: the cache's own key and value tensors, batch x heads x length x dim
+        for b, (row, k) in enumerate(zip(ids, keep)):
+            part = self.model(input_ids=row[k][None, :-1], use_cache=True, logits_to_keep=1).past_key_values
+            for i, layer in enumerate(part.layers):
+                if b == 0:  # allocate the layer on its device; the positions left blank are padding
+                    blanks = [t.new_zeros((len(ids), t.shape[1], width, t.shape[3])) for t in (layer.keys, layer.values)]
+                    static.append(cache.update(*blanks, i))
+                    if static[i][0].shape[2] != width + 1 + self.max_new_tokens:
+                        raise NotImplementedError("not a plain static cache layer (sliding window?)")
+                n = layer.keys.shape[2]
+                static[i][0][b, :, width - n:width] = layer.keys[0]
+                static[i][1][b, :, width - n:width] = layer.values[0]
+            del part
         return cache
 
-    def _generate(self, conversations, role):
-        import contextlib
+    def _generate(self, prompts, role):
         import torch
 
         t0 = time.time()
-        prompts = [self.tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
-                   for m in conversations]
         enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(self.model.device)
         kwargs = self.generate_kwargs()
@@ -745,16 +1013,18 @@ class HFBackend:
                     cache = self._prefill_unpadded(enc)
                 except (AttributeError, ValueError, NotImplementedError, TypeError):
                     self.unpadded_prefill = False  # a model or cache type it does not fit
-            out = self.model.generate(**enc, **kwargs, past_key_values=cache)
+            # no torch.compile: transformers would compile decoding for a static cache on CUDA,
+            # and compile again for every new batch shape
+            out = self.model.generate(**enc, **kwargs, past_key_values=cache, disable_compile=True)
         new = out[:, enc["input_ids"].shape[1]:].tolist()
         latency = time.time() - t0
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos]) | {self.tok.eos_token_id}
         replies = []
         for row, mask in zip(new, enc["attention_mask"].tolist()):
-            n = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
-            replies.append(Reply(self.tok.decode(row[:n], skip_special_tokens=True),
-                                 sum(mask), n, latency))
+            n = next((k + 1 for k, t in enumerate(row) if t in eos), None)
+            replies.append(Reply(self.tok.decode(row[:n], skip_special_tokens=True), sum(mask),
+                                 n or len(row), latency, finish_reason="stop" if n else "length"))
         return replies
 
 
@@ -866,13 +1136,24 @@ def tiny_random_path(vocab_size=2048, seed=0):
 # A scripted OpenAI-compatible server (real HTTP), for the bench and the tests
 # ---------------------------------------------------------------------------------------------
 
+FAULTS = ("http_500", "http_503", "http_429", "drop", "not_json", "no_choices", "no_usage", "stall",
+          "context_length")
+
+
 class ScriptedServer:
     """Serves /v1/chat/completions on 127.0.0.1. `reply(body)` returns the assistant text, a
-    message dict (e.g. with tool_calls), or an int HTTP status to fail with. `delay` seconds
-    are slept before each answer (a stand-in for model latency)."""
+    message dict (e.g. with tool_calls), an int HTTP status to fail with, or one of FAULTS: an
+    HTTP error (`http_NNN`), a dropped connection, a body that is not JSON, an answer without
+    `choices` or `usage`, a stall of `stall` s (past the client's timeout) before dropping, or a
+    400 for a prompt over the context length, worded as vLLM words it. `delay` seconds are slept
+    before each answer (a stand-in for model latency). /v1/models lists `models` (answered with
+    `list_status` when it is not 200, as `transformers serve` answers 500 for a local path); with
+    `strict`, a chat request for another model gets vLLM's 404. `port` 0 picks a free one."""
 
-    def __init__(self, reply, delay=0.0):
+    def __init__(self, reply, delay=0.0, models=("scripted",), strict=False, list_status=200,
+                 stall=2.0, port=0):
         self.reply, self.delay, self.requests = reply, delay, []
+        self.models, self.strict, self.list_status, self.stall = models, strict, list_status, stall
         self._lock = threading.Lock()
         server = self
 
@@ -880,16 +1161,23 @@ class ScriptedServer:
             def log_message(self, *args):
                 pass
 
-            def _send(self, status, payload):
-                data = json.dumps(payload).encode()
+            def _send(self, status, payload, data=None):
+                data = data or json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _drop(self):
+                self.close_connection = True
+                with contextlib.suppress(OSError):   # the client may have gone already
+                    self.connection.shutdown(socket.SHUT_RDWR)
+
             def do_GET(self):
-                self._send(200, {"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+                if server.list_status != 200:
+                    return self._send(server.list_status, {"error": "Internal Server Error"})
+                self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in server.models]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
@@ -897,23 +1185,45 @@ class ScriptedServer:
                     server.requests.append(body)
                 if server.delay:
                     time.sleep(server.delay)
+                if server.strict and body.get("model") not in server.models:
+                    return self._send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                                                      "type": "NotFoundError", "param": None, "code": 404}})
                 out = server.reply(body)
-                if isinstance(out, int):
-                    return self._send(out, {"error": {"message": f"scripted failure {out}"}})
+                if isinstance(out, int) or (isinstance(out, str) and out.startswith("http_") and out in FAULTS):
+                    status = int(str(out).removeprefix("http_"))
+                    return self._send(status, {"error": {"message": f"scripted failure {status}"}})
+                if out == "drop":
+                    return self._drop()
+                if out == "stall":
+                    time.sleep(server.stall)
+                    return self._drop()
+                if out == "not_json":
+                    return self._send(200, None, b"<html><body>502 Bad Gateway</body></html>")
+                if out == "context_length":
+                    n = sum(len(str(m.get("content") or "")) for m in body.get("messages", [])) // 4
+                    return self._send(400, {"error": {
+                        "message": f"'max_tokens' or 'max_completion_tokens' is too large: {body.get('max_tokens')}. "
+                                   f"This model's maximum context length is {n} tokens and your request has {n} "
+                                   f"input tokens ({body.get('max_tokens')} > {n} - {n}). None",
+                        "type": "BadRequestError", "param": None, "code": 400}})
                 message = out if isinstance(out, dict) else {"role": "assistant", "content": out}
                 message.setdefault("role", "assistant")
                 prompt = sum(len(str(m.get("content") or "")) for m in body.get("messages", [])) // 4
                 completion = len(message.get("content") or "") // 4
-                self._send(200, {
+                answer = {
                     "id": "chatcmpl-scripted", "object": "chat.completion", "created": int(time.time()),
                     "model": body.get("model", "scripted"),
                     "choices": [{"index": 0, "message": message,
                                  "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}],
                     "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                              "total_tokens": prompt + completion}})
+                              "total_tokens": prompt + completion}}
+                if out in ("no_choices", "no_usage"):
+                    del answer[out.removeprefix("no_")]
+                self._send(200, answer)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda request, address: None   # a client that left is not news
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def __enter__(self):
@@ -951,8 +1261,8 @@ def _bench_episodes(n, steps, scaffold, root, counted):
 def bench():
     scaffold = load_scaffold("v0")
 
-    def scripted(body):  # LOG routines end at once; PLAN commits north
-        return "<|DONE|>" if body["messages"][0]["content"].startswith("MEMORY UPDATE") else "<|ACTION|>north<|END|>"
+    def scripted(body):  # any scaffold: DONE ends a routine that allows it, ACTION commits in one that allows it
+        return "<|DONE|><|ACTION|>north<|END|>"
 
     print("(a) memory agent (v0, MiniHack) on a local OpenAI-compatible server answering after 50 ms")
     server = ScriptedServer(scripted, delay=0.05)
@@ -1028,6 +1338,9 @@ def main(argv=None):
                   f" ({'valid' if rec['action']['valid'] else 'invalid'}), {n_ops} memory ops, "
                   f"progression {rec['progression']:.3f}")
         result = run_episodes([play(env, agent, args.seed, show, args.steps)], backend)[0]
+        if isinstance(result, Unfinished):
+            print(f"agent.py: the episode did not finish: {result.reason}", file=sys.stderr)
+            return 1
         print(json.dumps(result))
 
 

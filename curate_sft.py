@@ -210,7 +210,7 @@ def valid_op_share(run):
     at least one well-formed read or write op, by phase and over both."""
     hits, total = Counter(), Counter()
     for env_name, task, seed in ev.finished_episodes(run):
-        for r in ev.read_trace(ev.episode_paths(run, env_name, task, seed)[0]):
+        for r in ev.iter_trace(ev.episode_paths(run, env_name, task, seed)[0]):
             for phase, routine in ev.routines(r):
                 turns = consultation(routine["turns"])
                 if phase not in ("log", "plan") or not turns:   # a failed backend wrote nothing to count

@@ -5,6 +5,8 @@
         --model Qwen/Qwen2.5-32B-Instruct                  # the paper's protocol on a vLLM server
     accelerate launch eval.py --env all --scaffold v3      # episodes split across GPU processes
     torchrun --nproc_per_node 2 eval.py --env crafter ...  # the same with CPU processes
+    python eval.py --env all ... --shard $SLURM_ARRAY_TASK_ID/8  # one of 8 independent jobs
+    python eval.py summarize runs/A                        # summary.json + report.md, at any time
     python eval.py report runs/A runs/B --plot progression.png
     python eval.py replay runs/A runs/B --seed 42 --out replay.html   # side-by-side HTML replay
 
@@ -17,8 +19,15 @@ where a run departs from it. Statistics are BALROG's (`mean_se`, `overall`). A r
 holds config.json, <env>/<task>/ep_<seed>.jsonl (one line per step) and ep_<seed>.json (written
 when the episode ends), <env>/<task>/memory_<seed>/, summary.json and report.md. Every figure in
 the summary is recomputed from the traces (`summarize`), which the loops reuse.
+
+An episode that cannot finish (the server stayed down, an exception in the game or the
+scaffold's code) keeps its trace, gets no result file but ep_<seed>.error.txt (reason, traceback),
+and is not scored; the others go on, the run lists it and exits 1, and --resume reruns it.
+Processes (a launcher's ranks, --shard jobs) share only the run folder: the last to end writes
+the summary.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,6 +36,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import deque
 from importlib import metadata
 from pathlib import Path
 
@@ -41,6 +51,9 @@ CONTENT_WRITES = ("APPEND", "WRITE", "UPSERT")   # built-in writes whose text ca
 # (per task for MiniHack), sampling per reply; step limits are BALROG's, in envs.MAX_STEPS.
 PAPER_SEEDS = {"crafter": range(42, 52), "minihack": range(42, 47), "nle": range(42, 47)}
 PAPER_SAMPLING = {"temperature": 1.0, "max_new_tokens": 4096}
+# Loop #2 collects its training traces on seeds from TRAIN_SEEDS_START up; loop #1's gate seeds and
+# the report seeds stay below it. One rule, read by both loops.
+TRAIN_SEEDS_START = 1000
 FIRST_SEED = 42
 
 
@@ -48,7 +61,8 @@ FIRST_SEED = 42
 # Traces: writing and reading
 # ---------------------------------------------------------------------------------------------
 
-SYSTEM_REF = {"role": "system", "ref": "system"}
+REF_MIN_CHARS = 64   # shorter texts stay in place: a reference would save little
+REF_STEPS = 16       # how many earlier steps' observations and replies a message may refer to
 
 
 def routines(record):
@@ -68,60 +82,176 @@ def op_kind(op):
     return op.get("kind") or builtin_kind(op["op"])
 
 
+class _Texts:
+    """The texts a trace line's messages refer to instead of repeating them, each under a key: the
+    observations ("o12": step 12's; "o12.3": its paragraph 3, as BALROG's history shows a part of
+    it) and model replies ("r12.plan.0": the reply of step 12's PLAN turn 0) of this step and the
+    REF_STEPS before, this step's op results ("x12.log.1.2": op 2 of LOG turn 1), and the last
+    step's messages and their paragraphs ("m11.4": a system prompt, BALROG's instruction, a
+    prompt's fixed text, the game's instruction inside it). The writer and the reader build this
+    same table, line by line, from the texts as they are (the reader once it has put a line's
+    messages back). Any of them may be a whole message, and any is also looked for inside one."""
+
+    def __init__(self):
+        self.text, self.key = {}, {}   # key -> text; text -> its latest key
+        self.lines = deque()           # per line, the keys it added that last REF_STEPS lines
+        self.results = []              # this line's op-result keys, forgotten at the next line
+        self.previous = []             # the last line's messages and paragraphs, forgotten after this line
+        self.replies = deque()         # the reply keys of this line and the one before
+        self.inside = set()            # keys looked for inside messages
+
+    def _put(self, key, text, *lists):
+        if isinstance(text, str) and len(text) >= REF_MIN_CHARS:
+            self.text[key], self.key[text] = text, key
+            for keys in lists:
+                keys.append(key)
+
+    def add(self, record):
+        for key in self.results:
+            self._forget(key)
+        if len(self.replies) == 2:
+            self.inside.difference_update(self.replies.popleft())
+        step, lasting, replies, self.results = record.get("step"), [], [], []
+        put = self._put
+        observation = record.get("observation")
+        put(f"o{step}", observation, lasting)
+        for n, paragraph in enumerate(observation.split("\n\n") if isinstance(observation, str) else []):
+            put(f"o{step}.{n}", paragraph, lasting)
+        self.inside.update(lasting)
+        for phase, routine in routines(record):
+            for k, turn in enumerate(routine["turns"]):
+                put(f"r{step}.{phase}.{k}", turn.get("response"), lasting, replies)
+                for j, op in enumerate(turn.get("ops", [])):
+                    put(f"x{step}.{phase}.{k}.{j}", op.get("result"), self.results)
+        self.inside.update(self.results, replies)
+        self.replies.append(replies)
+        self.lines.append(lasting)
+        while len(self.lines) > REF_STEPS + 1:
+            for key in self.lines.popleft():
+                self._forget(key)
+
+    def add_messages(self, record):
+        """After a line: its messages and their paragraphs, for the next line to refer to (a system
+        prompt or BALROG's instruction repeats whole; prompts repeat their fixed text every step)."""
+        for key in self.previous:
+            self._forget(key)
+        self.previous, seen = [], set()
+        for _, routine in routines(record):
+            for turn in routine["turns"]:
+                for m in turn.get("messages", []) + turn.get("added", []):
+                    content = m.get("content") if isinstance(m.get("content"), str) else ""
+                    for text in (content, *content.split("\n\n")):
+                        if text not in seen:
+                            seen.add(text)
+                            self._put(f"m{record.get('step')}.{len(seen)}", text, self.previous)
+        self.inside.update(self.previous)
+
+    def _forget(self, key):
+        text = self.text.pop(key)
+        self.inside.discard(key)
+        if self.key.get(text) == key:
+            del self.key[text]
+
+    def compact(self, message):
+        """The message with known texts in its content replaced by {"ref": key}, as `parts`."""
+        content = message.get("content")
+        if not isinstance(content, str) or len(content) < REF_MIN_CHARS:
+            return message
+        if content in self.key:
+            parts = [{"ref": self.key[content]}]
+        else:
+            parts = [content]
+            found = {self.text[k]: k for k in self.inside if self.text[k] in content}
+            for text in sorted(found, key=len, reverse=True):
+                ref = {"ref": found[text]}
+                parts = [q for p in parts for q in
+                         ([p] if not isinstance(p, str) or text not in p else
+                          [x for piece in p.split(text) for x in (piece, ref)][:-1])]
+            if len(parts) == 1:
+                return message
+        out = {k: v for k, v in message.items() if k != "content"}
+        out["parts"] = [p for p in parts if p != ""]
+        return out
+
+    def expand(self, message):
+        if "parts" not in message:
+            return message
+        out = {k: v for k, v in message.items() if k != "parts"}
+        out["content"] = "".join(p if isinstance(p, str) else self.text[p["ref"]] for p in message["parts"])
+        return out
+
+
 class TraceWriter:
     """Appends one JSON line per step with a single write() on an O_APPEND file, so a killed
-    process leaves whole lines only. The system prompt, the same every turn of an episode, is
-    stored once: in the `system` field of the line where it first appears, and later turns hold
-    SYSTEM_REF in its place (read_trace puts it back). It was half of a tiny-random trace."""
+    process leaves whole lines only. Nothing is stored twice: a text that a message repeats (the
+    observation in a prompt, the last turn's op results, a baseline's earlier observations and
+    last reply, the system prompt or instruction and a prompt's fixed text of the step before)
+    is replaced there by a reference to where it is stored (see _Texts): the message holds
+    `parts`, strings and {"ref": key}, instead of `content`. read_trace puts everything back."""
 
     def __init__(self, path):
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-        self.system = None
+        self.texts = _Texts()
 
     def write(self, record):
-        record = dict(record)  # the caller's record is left as it is
-        for phase, routine in routines(record):
-            record[phase] = {**routine, "turns": [self._compact(t, record) for t in routine["turns"]]}
-        os.write(self.fd, (json.dumps(record, ensure_ascii=False) + "\n").encode())
-
-    def _compact(self, turn, record):
-        first = (turn.get("messages") or [{}])[0]
-        if first.get("role") != "system":
-            return turn
-        if first["content"] != self.system and "system" not in record:
-            self.system = record["system"] = first["content"]
-        if first["content"] != self.system:  # a second new prompt in one line stays in place
-            return turn
-        return {**turn, "messages": [SYSTEM_REF, *turn["messages"][1:]]}
+        self.texts.add(record)
+        line = dict(record)  # the caller's record is left as it is
+        for name, routine in routines(record):
+            line[name] = {**routine, "turns": [{**t, **{f: [self.texts.compact(m) for m in t[f]]
+                                                         for f in ("messages", "added") if f in t}}
+                                               for t in routine["turns"]]}
+        os.write(self.fd, (json.dumps(line, ensure_ascii=False) + "\n").encode())
+        self.texts.add_messages(record)
 
     def close(self):
         os.close(self.fd)
 
 
-def read_trace(path):
-    """The step records of a trace, with the system prompt put back into every turn that refers
-    to it (see TraceWriter); a line cut by a crash mid-write (never seen in practice) is dropped
+def iter_trace(path):
+    """The step records of a trace, one at a time, with everything TraceWriter stored once put
+    back in place (and, in traces written before references, the system prompt kept in a line's
+    `system` field); a line cut by a crash mid-write (never seen in practice) ends the trace
     rather than failing the reader."""
-    records, system = [], None
+    system, texts = None, _Texts()
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                break
+                return
             system = record.pop("system", system)
+            texts.add(record)
             for _, routine in routines(record):
                 for turn in routine["turns"]:
-                    if turn.get("messages") and turn["messages"][0] == SYSTEM_REF:
-                        turn["messages"][0] = {"role": "system", "content": system}
-            records.append(record)
-    return records
+                    for field in ("messages", "added"):
+                        if field in turn:
+                            turn[field] = [{"role": m["role"], "content": system} if m.get("ref") == "system"
+                                           else texts.expand(m) for m in turn[field]]
+            texts.add_messages(record)
+            yield record
 
 
-def write_json(path, data):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+def read_trace(path):
+    """The whole trace as a list (iter_trace streams it)."""
+    return list(iter_trace(path))
+
+
+def write_json(path, data, replace=True):
+    write_text(path, json.dumps(data, indent=1, ensure_ascii=False), replace)
+
+
+def write_text(path, text, replace=True):
+    """Atomically: readers see the old file or the new one, never part of one (several processes
+    may write the same file). `replace=False` raises FileExistsError if the file exists."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    try:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def episode_paths(run, env_name, task, seed):
@@ -135,6 +265,22 @@ def not_a_run(paths):
     return bad and f"{bad} is not a run folder (no config.json)"
 
 
+def error_path(run, env_name, task, seed):
+    """Where an unfinished episode's reason (first line) and traceback are kept."""
+    return Path(run) / env_name / task / f"ep_{seed}.error.txt"
+
+
+def unfinished_reason(run, env_name, task, seed):
+    path = error_path(run, env_name, task, seed)
+    return path.read_text().split("\n", 1)[0] if path.exists() else "not run yet, or still running"
+
+
+def planned_episodes(config):
+    """(env, task, seed) of every episode a run's config asks for."""
+    by_task = {t: e for e in envs.ENVS for t in envs.TASKS[e]}
+    return [(by_task[t], t, s) for t in config.get("tasks", []) for s in config.get("seeds", [])]
+
+
 def finished_episodes(run):
     """(env, task, seed) of every episode whose result file exists."""
     return sorted((p.parent.parent.name, p.parent.name, int(p.stem[3:]))
@@ -146,20 +292,28 @@ def finished_episodes(run):
 # ---------------------------------------------------------------------------------------------
 
 def episode_stats(records):
-    """Everything reported about one episode, computed from its trace records."""
-    c = dict(steps=len(records), unproductive=0, writes=0, redundant=0, searches=0,
+    """Everything reported about one episode, computed from its trace records (any iterable:
+    `iter_trace` streams them, so a long trace is never held whole)."""
+    c = dict(steps=0, unproductive=0, writes=0, redundant=0, searches=0,
              empty_searches=0, log_writes=0, log_searches=0, prompt_tokens=0,
-             completion_tokens=0, invalid_actions=0, parse_errors=0, backend_errors=0)
-    for t, r in enumerate(records):
+             completion_tokens=0, invalid_actions=0, parse_errors=0, backend_errors=0,
+             requests=0, failed_requests=0, retries=0, context_length=0, truncated=0)
+    prev, last, ret = {}, {}, 0.0
+    for r in records:
+        c["steps"] += 1
         if r.get("next_state") is not None and (
                 r["next_state"] == r.get("state") or
-                (t > 0 and r["next_state"] == records[t - 1].get("state"))):
+                (prev and r["next_state"] == prev.get("state"))):
             c["unproductive"] += 1
+        prev = last = r
+        ret += r["reward"]
         c["prompt_tokens"] += r["tokens"]["prompt"]
         c["completion_tokens"] += r["tokens"]["completion"]
         c["invalid_actions"] += not r["action"]["valid"]
         for phase, routine in routines(r):
             c["backend_errors"] += routine.get("ended") == "backend_error"
+            for turn in routine.get("turns", []):
+                count_request(c, turn)
             for op in routine_ops(routine):
                 flags = op.get("flags", [])
                 kind = op_kind(op)   # a scaffold's ops count by their kind
@@ -175,14 +329,31 @@ def episode_stats(records):
                 if phase == "log":
                     c["log_writes"] += kind == "write"
                     c["log_searches"] += op["op"] == "SEARCH"
-    last = records[-1] if records else {}
     info = last.get("info", {})
     return {
-        "steps": c["steps"], "progression": last.get("progression", 0.0),
-        "return": sum(r["reward"] for r in records),
-        "end_status": info.get("end_status") or ("max_steps" if records and not last["done"] else None),
+        "steps": c["steps"], "progression": last.get("progression", 0.0), "return": ret,
+        "end_status": info.get("end_status") or ("max_steps" if last and not last["done"] else None),
         "achievements": info.get("unlocked"), "counts": c,
     }
+
+
+def count_request(c, turn):
+    """A turn is one request to the model: failed (no answer after retries), refused as over the
+    context length (a failed turn too, not retried), or cut at max_new_tokens."""
+    c["requests"] += 1
+    c["retries"] += turn.get("retries", 0)
+    c["context_length"] += turn.get("finish_reason") == "context_length"
+    c["failed_requests"] += bool(turn.get("error")) and turn.get("finish_reason") != "context_length"
+    c["truncated"] += turn.get("finish_reason") == "length"
+
+
+def backend_health(counts):
+    """How the model's server behaved over a run: failed requests per request, retried attempts,
+    prompts refused for the context length, replies cut at max_new_tokens."""
+    n = counts.get("requests", 0)
+    return {"requests": n, "error_rate": _ratio(counts.get("failed_requests", 0) + counts.get("context_length", 0), n),
+            "failed": counts.get("failed_requests", 0), "retries": counts.get("retries", 0),
+            "context_length": counts.get("context_length", 0), "truncated": counts.get("truncated", 0)}
 
 
 def _ratio(a, b):
@@ -273,24 +444,27 @@ def _group(stats):
     prog = mean_se([100 * s["progression"] for s in stats])
     return {"progression_pct": prog, "return": mean_se([s["return"] for s in stats]),
             "steps": mean_se([s["steps"] for s in stats]), "end_reasons": ends,
-            "behaviour": behaviour(counts),
+            "behaviour": behaviour(counts), "backend": backend_health(counts),
             "tokens": {"prompt": counts["prompt_tokens"], "completion": counts["completion_tokens"]},
             "seeds": sorted(s["seed"] for s in stats)}
 
 
 def summarize(run, on_episode=None):
-    """summary.json's content, recomputed from every finished episode's trace. Each trace is read
-    once; `on_episode(env, task, seed, records, stats)` lets a caller use it too (the loop #1
-    digest) instead of reading it again."""
+    """summary.json's content, recomputed from every finished episode's trace, streamed. Each
+    trace is read once; `on_episode(env, task, seed, records, stats)` lets a caller use it too
+    (the loop #1 digest) instead of reading it again. Episodes the run planned that have no
+    result are listed under `unfinished`, with the reason their error file gives."""
     run = Path(run)
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
     per_env = {}
     for env_name, task, seed in finished_episodes(run):
         trace, _, _ = episode_paths(run, env_name, task, seed)
-        records = read_trace(trace)
-        s = episode_stats(records)
         if on_episode:
+            records = read_trace(trace)
+            s = episode_stats(records)
             on_episode(env_name, task, seed, records, s)
+        else:
+            s = episode_stats(iter_trace(trace))
         s["seed"] = seed
         per_env.setdefault(env_name, {}).setdefault(task, []).append(s)
     summary = {"run": run.name, "model": config.get("model"), "scaffold": config.get("scaffold"),
@@ -307,7 +481,10 @@ def summarize(run, on_episode=None):
     if everything:
         total = _group(everything)
         summary["behaviour"] = total["behaviour"]
+        summary["backend"] = total["backend"]
         summary["tokens"] = total["tokens"]
+    summary["unfinished"] = [{"env": e, "task": t, "seed": s, "reason": unfinished_reason(run, e, t, s)}
+                             for e, t, s in planned_episodes(config) if not episode_paths(run, e, t, s)[1].exists()]
     summary["wall_s"] = config.get("wall_s")
     return summary
 
@@ -368,6 +545,16 @@ def report_markdown(summary):
     if summary.get("tokens"):
         lines.append(f"Tokens: {summary['tokens']['prompt']:,} prompt, "
                      f"{summary['tokens']['completion']:,} completion. Wall time: {_fmt(summary.get('wall_s'))} s.")
+    if summary.get("backend"):
+        b = summary["backend"]
+        lines += ["", f"Backend: {b['requests']:,} requests, error rate {_fmt(b['error_rate'])} ({b['failed']} "
+                      f"failed after retries, {b['context_length']} refused as over the context length; the "
+                      f"step went on with the fallback), {b['retries']} retried attempts, {b['truncated']} "
+                      "replies cut at max_new_tokens."]
+    if summary.get("unfinished"):
+        lines += ["", f"**{len(summary['unfinished'])} episode(s) unfinished**, not scored above "
+                      "(`--resume` reruns them):"]
+        lines += [f"- {u['env']} {u['task']} seed {u['seed']}: {u['reason']}" for u in summary["unfinished"]]
     return "\n".join(lines) + "\n"
 
 
@@ -483,6 +670,10 @@ def check_args(args):
                          "it is the served LoRA's model name)")
     if args.concurrency < 1 or (args.max_steps is not None and args.max_steps < 1):
         raise UsageError("--concurrency and --max-steps must be at least 1")
+    if args.retries < 0 or args.max_failures < 1 or args.timeout <= 0 or args.backoff < 0:
+        raise UsageError("--retries and --backoff must be at least 0, --max-failures at least 1, --timeout above 0")
+    if args.shard:
+        parse_shard(args.shard)
     try:
         scaffold = agent_mod.load_scaffold(args.scaffold)
     except agent_mod.ScaffoldError as e:
@@ -536,19 +727,42 @@ RESUME_KEYS = ("env", "scaffold_hash", "agent", "model", "base_url", "specialist
                "max_new_tokens", "top_p", "max_steps", "nle_seeded", "minihack_autopickup")
 
 
-def prepare_run(args, scaffold, jobs):
+def prepare_run(args, scaffold, jobs, shared):
+    """The run folder and its config. A run folder that holds a run is continued only with
+    --resume, or by another process of the same run (`shared`: a launcher's rank, a --shard),
+    and only with the same settings."""
     out = Path(args.out)
     config = make_config(args, scaffold, jobs)
     old = out / "config.json"
     if old.exists():
-        if not args.resume:
+        if not (args.resume or shared):
             raise UsageError(f"{out} already holds a run: pass --resume to continue it, or another --out")
         prev = json.loads(old.read_text())
-        changed = [k for k in RESUME_KEYS if prev.get(k) != config.get(k)]
+        # processes of one run must also plan the same episodes, or their shares would not add up
+        changed = [k for k in RESUME_KEYS + (("tasks", "seeds") if shared else ()) if prev.get(k) != config.get(k)]
         if changed:
-            raise UsageError(f"--resume: {out} was run with other settings ({', '.join(changed)})")
+            raise UsageError(f"{'--resume' if args.resume else 'this process'}: {out} was run with other "
+                             f"settings ({', '.join(changed)})")
         config["wall_s_earlier"] = prev.get("wall_s") or 0   # time spent before this resume
     return out, config
+
+
+def parse_shard(text):
+    """'i/n' (0 <= i < n) -> (i, n)."""
+    m = re.fullmatch(r"(\d+)/(\d+)", text or "")
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise UsageError(f"malformed --shard {text!r}: use i/n with 0 <= i < n, e.g. 0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def my_share(jobs, shard=(0, 1), environ=os.environ):
+    """The episodes this process runs, and how many processes share the run: shard i of n
+    (independent jobs, e.g. a Slurm array), and within it rank r of w of a launcher (torchrun and
+    accelerate launch set RANK and WORLD_SIZE). No process group is made and no process waits for
+    another: they share only the run folder."""
+    i, n = shard
+    r, w = int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1))
+    return jobs[i * w + r::n * w], n * w
 
 
 def episode_env(config, env_name, task, seed):
@@ -561,53 +775,94 @@ def episode_env(config, env_name, task, seed):
     return envs.make_env(env_name, task, seed=seed, max_steps=config.get("max_steps"), **options)
 
 
-def _process_state():
-    """accelerate's view of the launch: one process, or one of several (`accelerate launch`,
-    torchrun). Without CUDA it must be told to use CPU processes (gloo)."""
-    import torch
-    from accelerate import PartialState
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def load_backend(args):
-    """The model, or a one-line reason it cannot be loaded here."""
+    """The model, or a one-line reason it cannot be used here: a server that does not serve
+    --model / --specialist, a model that does not fit this process's GPUs, one that does not load."""
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     if args.base_url:
-        return agent_mod.OpenAIBackend(args.base_url, args.model, specialist=args.specialist, **kwargs)
+        backend = agent_mod.OpenAIBackend(args.base_url, args.model, specialist=args.specialist,
+                                          timeout=args.timeout, max_retries=args.retries, backoff=args.backoff,
+                                          max_failures=args.max_failures, **kwargs)
+        try:
+            missing, served = backend.model_check()
+        except agent_mod.ServerDown as e:
+            raise UsageError(str(e))
+        if missing:
+            raise UsageError(f"{args.base_url} does not serve {', '.join(missing)} (it serves: "
+                             f"{', '.join(served) or 'nothing it will list'}); check --model and --specialist")
+        return backend
     try:
-        state = _process_state()
-        device_map = {"": state.device} if state.num_processes > 1 else None
-        return agent_mod.HFBackend(args.model, adapter=args.specialist, device_map=device_map, **kwargs)
+        import torch
+        gpus = None
+        if torch.cuda.is_available():
+            gpus = agent_mod.process_gpus(torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0)),
+                                          int(os.environ.get("LOCAL_WORLD_SIZE", 1)), args.gpus_per_process)
+        backend = agent_mod.HFBackend(args.model, adapter=args.specialist, gpus=gpus,
+                                      batch_tokens=args.batch_tokens, **kwargs)
+    except agent_mod.DoesNotFit as e:
+        raise SystemExit(f"eval.py: {e}")
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise SystemExit(f"eval.py: cannot load model {args.model!r} here ({type(e).__name__}: {reason}). "
                          "For an offline smoke run use --model tiny-random; to use a served model pass "
                          "--base-url http://HOST:PORT/v1 --model NAME.")
+    if backend.plan:
+        p = backend.plan
+        print(f"GPUs {gpus}: {p['weights_gib']:.1f} GiB of weights + {p['kv_gib']:.1f} GiB of KV cache for "
+              f"batches of {p['batch_tokens']:,} tokens, of {p['usable_gib']:.1f} GiB usable", file=sys.stderr)
+    return backend
+
+
+def print_unfinished(run, episode, reason):
+    path = error_path(run, *episode)
+    print(f"unfinished: {' '.join(map(str, episode))}: {reason}"
+          + (f" (traceback in {path})" if path.exists() else ""), file=sys.stderr)
+
+
+def write_summary(run):
+    """summary.json and report.md from the run folder's files; returns the summary."""
+    summary = summarize(run)
+    write_json(Path(run) / "summary.json", summary)
+    write_text(Path(run) / "report.md", report_markdown(summary))
+    return summary
+
+
+def print_summary(run, summary):
+    for env_name, e in summary["envs"].items():
+        p = e["progression_pct"]
+        print(f"{env_name}: progression {p['mean']:.2f} ± {p['stderr']:.2f} % over {p['n']} "
+              f"episodes ({summary.get('model')})")
+    if summary.get("backend"):
+        print(f"backend: {summary['backend']['requests']} requests, error rate {_fmt(summary['backend']['error_rate'])}")
+    for u in summary["unfinished"]:
+        print_unfinished(run, (u["env"], u["task"], u["seed"]), u["reason"])
+    print(f"wrote {run}/summary.json and {run}/report.md"
+          + (f"; {len(summary['unfinished'])} episode(s) unfinished: rerun with --resume"
+             if summary["unfinished"] else ""))
 
 
 def run_eval(args):
     scaffold, jobs = check_args(args)
-    out, config = prepare_run(args, scaffold, jobs)
+    mine, processes = my_share(jobs, parse_shard(args.shard) if args.shard else (0, 1))
+    out, config = prepare_run(args, scaffold, jobs, shared=processes > 1)
     from tqdm import tqdm
 
-    state = _process_state()
     backend = load_backend(args)     # before anything is written: a failed load leaves no run
     config["sampling"] = backend.sampling    # what the run sets; a server gets exactly these
     if not args.base_url:   # HF: the model's own settings, and what generate receives from both
         config["model_generation_config"] = backend.model_generation_config
         config["generate_kwargs"] = backend.generate_kwargs()
     out.mkdir(parents=True, exist_ok=True)
-    if state.is_main_process:
-        write_json(out / "config.json", config)
-    state.wait_for_everyone()
+    with contextlib.suppress(FileExistsError):   # the first process of the run writes it
+        write_json(out / "config.json", config, replace=False)
     done = set(finished_episodes(out))
-    todo = [j for j in jobs if j not in done]
-    with state.split_between_processes(todo) as mine:
-        mine = list(mine)
-    main = state.is_main_process
-    bar_eps = tqdm(total=len(mine), desc="episodes", position=0, disable=not main or not mine)
-    bar_steps = tqdm(desc="steps", unit="step", position=1, disable=not main or not mine)
-    running = {}
+    mine = [j for j in mine if j not in done]
+    for j in mine:   # a rerun's stale reasons go; the episodes' ends write them anew
+        error_path(out, *j).unlink(missing_ok=True)
+    show = int(os.environ.get("RANK", 0)) == 0 and bool(mine)
+    bar_eps = tqdm(total=len(mine), desc="episodes", position=0, disable=not show)
+    bar_steps = tqdm(desc="steps", unit="step", position=1, disable=not show)
+    running, failed = {}, []
     t0 = time.time()
 
     def episode(env_name, task, seed):
@@ -633,34 +888,51 @@ def run_eval(args):
         result.update(env=env_name, task=task, scaffold=scaffold.name, agent=args.agent,
                       model=args.model, specialist=args.specialist)
         write_json(result_path, result)   # its presence marks the episode finished
-        bar_eps.update(1)
         return result
+
+    def on_done(i, result):
+        bar_eps.update(1)
+        if isinstance(result, agent_mod.Unfinished):   # the trace stays; no result file
+            error_path(out, *mine[i]).write_text(f"{result.reason}\n\n{result.traceback}")
+            failed.append((mine[i], result.reason))
+            bar_eps.set_postfix(unfinished=len(failed))
 
     interrupted = False
     try:
-        agent_mod.run_episodes([episode(*j) for j in mine], backend, concurrency=args.concurrency)
+        agent_mod.run_episodes([episode(*j) for j in mine], backend, concurrency=args.concurrency,
+                               on_done=on_done)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar_steps.close()
         bar_eps.close()
-    state.wait_for_everyone()
-    finished = len(finished_episodes(out))
+    ended = [j for j in jobs if episode_paths(out, *j)[1].exists() or error_path(out, *j).exists()]
+    if interrupted or len(ended) < len(jobs):   # else the summary lists them
+        for episode_key, reason in failed:
+            print_unfinished(out, episode_key, reason)
     if interrupted:
-        print(f"interrupted: {finished} of {len(jobs)} episodes finished in {out}; "
+        print(f"interrupted: {len(finished_episodes(out))} of {len(jobs)} episodes finished in {out}; "
               "rerun the same command with --resume to finish the rest", file=sys.stderr)
         return 130
-    if main:
-        config["wall_s"] = round(time.time() - t0 + config.get("wall_s_earlier", 0), 2)
-        write_json(out / "config.json", config)
-        summary = summarize(out)
-        write_json(out / "summary.json", summary)
-        (out / "report.md").write_text(report_markdown(summary))
-        for env_name, e in summary["envs"].items():
-            p = e["progression_pct"]
-            print(f"{env_name}: progression {p['mean']:.2f} ± {p['stderr']:.2f} % over {p['n']} "
-                  f"episodes ({args.model})")
-        print(f"wrote {out}/summary.json and {out}/report.md")
+    if len(ended) < len(jobs):   # another process is still at work: the last one to end summarizes
+        print(f"{len(ended)} of {len(jobs)} episodes of {out} have ended; the last process of the run writes "
+              f"summary.json (or run: python eval.py summarize {out})")
+        return 1 if failed else 0
+    config["wall_s"] = round(time.time() - t0 + config.get("wall_s_earlier", 0), 2)
+    write_json(out / "config.json", config)
+    summary = write_summary(out)
+    print_summary(out, summary)
+    return 1 if failed or summary["unfinished"] else 0
+
+
+def run_summarize(argv):
+    p = argparse.ArgumentParser(prog="eval.py summarize",
+                                description="summary.json and report.md of a run from its files, at any time")
+    p.add_argument("run")
+    args = p.parse_args(argv)
+    if problem := not_a_run([args.run]):
+        p.exit(2, f"eval.py summarize: error: {problem}\n")
+    print_summary(args.run, write_summary(args.run))
     return 0
 
 
@@ -812,6 +1084,17 @@ def build_parser():
                    help="sent only when given (default: the model's own generation config)")
     p.add_argument("--out", default=None, help="run folder (default runs/<env>_<scaffold>_<agent>_<model>)")
     p.add_argument("--resume", action="store_true", help="skip finished episodes, rerun unfinished ones")
+    p.add_argument("--shard", default=None, help="i/n: run share i of n of the episodes (0 <= i < n), as one "
+                   "of n independent jobs on the same run folder, e.g. a Slurm array")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a server request may take")
+    p.add_argument("--retries", type=int, default=5, help="retries of a failed server request")
+    p.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry, doubled each time")
+    p.add_argument("--max-failures", type=int, default=3, help="failed requests in a row (retries spent) "
+                   "after which the server counts as down: its episodes end unfinished")
+    p.add_argument("--batch-tokens", type=int, default=None, help="HF: cap on a batch's KV cache in tokens "
+                   "(prompts x (longest + max new)); default on GPUs: the most that fits, on CPU: none")
+    p.add_argument("--gpus-per-process", type=int, default=None, help="HF: GPUs each process spreads the "
+                   "model over (default: the machine's GPUs split evenly among its processes)")
     p.add_argument("--unseeded", action="store_true", help="run NetHack unseeded, as BALROG does")
     p.add_argument("--autopickup", action=argparse.BooleanOptionalAction, default=True,
                    help="MiniHack autopickup (default on, the paper's setting)")
@@ -824,6 +1107,8 @@ def main(argv=None):
         return run_report(argv[1:])
     if argv and argv[0] == "replay":
         return run_replay(argv[1:])
+    if argv and argv[0] == "summarize":
+        return run_summarize(argv[1:])
     p = build_parser()
     args = p.parse_args(argv)
     if args.max_new_tokens is None:

@@ -39,7 +39,8 @@ MAX_ACTION_CHARS = 60       # a longer "action" is prose, not an action name (as
 # counts only for a known op name, so prose such as `<b>` or `<think>` stays prose.
 TAG_RE = re.compile(r"<(\|?)\s*(/?)\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\|?)[>}]")
 # The authors' third action form: a line `ACTION: name`, read after the tags.
-ACTION_LINE_RE = re.compile(r"^[ \t*]*ACTION[ \t*]*:[ \t]*(.+?)[ \t]*$", re.I | re.M)
+# Markdown bold around either part is read too: `**ACTION:** Move West`, `ACTION: **Move West**`.
+ACTION_LINE_RE = re.compile(r"^[ \t*]*ACTION[ \t*]*:[ \t*]*(.+?)[ \t*]*$", re.I | re.M)
 
 
 def builtin_kind(name):
@@ -70,9 +71,9 @@ class Parsed:
 
 
 def clean_action(text):
-    """An action name as models write it: quotes, backticks and a trailing period go."""
-    text = text.strip().strip("`'\"").strip()
-    return text[:-1].rstrip().strip("`'\"").strip() if text.endswith(".") else text
+    """An action name as models write it: quotes, backticks, markdown bold and a trailing period go."""
+    text = text.strip().strip("`'\"*").strip()
+    return text[:-1].rstrip().strip("`'\"*").strip() if text.endswith(".") else text
 
 
 def parse_ops(text, allowed=None, arity=None):
@@ -221,6 +222,22 @@ class _File:
         return grown
 
 
+def name_problem(name, max_chars=64):
+    """None if `name` is a valid memory file name, else the reason it is refused."""
+    if not isinstance(name, str) or name == "":
+        return "a file name cannot be empty"
+    if len(name) > max_chars:
+        return f"file names have at most {max_chars} characters"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "file names cannot hold control characters"
+    if "/" in name or "\\" in name or ":" in name or ".." in name:
+        return ("file names are plain names inside the memory folder: no folders, "
+                "'..', drive letters or absolute paths")
+    if not NAME_RE.fullmatch(name):
+        return "file names use letters, digits, '.', '_' and '-', and do not start with '.'"
+    return None
+
+
 class MemoryRefused(Exception):
     """A refused op: its message is what the model sees."""
 
@@ -241,7 +258,7 @@ class MemoryFS:
         for entry in os.scandir(self._dir):
             if entry.name.startswith(".tmp-"):
                 os.unlink(entry.name, dir_fd=self._dir)  # left by a run killed mid-write
-            elif entry.is_file(follow_symlinks=False) and self._valid_name(entry.name) is None:
+            elif entry.is_file(follow_symlinks=False) and name_problem(entry.name, self.max_name_chars) is None:
                 self._load(entry.name)
         self._index = None
         self.extra_ops = {}  # name -> (arity, handler(*args) -> str, kind)
@@ -264,23 +281,8 @@ class MemoryFS:
 
     # ---------------------------------------------------------------- names and disk ---------
 
-    def _valid_name(self, name):
-        """None if `name` is a valid memory file name, else the reason it is refused."""
-        if not isinstance(name, str) or name == "":
-            return "a file name cannot be empty"
-        if len(name) > self.max_name_chars:
-            return f"file names have at most {self.max_name_chars} characters"
-        if any(ord(c) < 32 or ord(c) == 127 for c in name):
-            return "file names cannot hold control characters"
-        if "/" in name or "\\" in name or ":" in name or ".." in name:
-            return ("file names are plain names inside the memory folder: no folders, "
-                    "'..', drive letters or absolute paths")
-        if not NAME_RE.fullmatch(name):
-            return "file names use letters, digits, '.', '_' and '-', and do not start with '.'"
-        return None
-
     def _check_name(self, name):
-        reason = self._valid_name(name)
+        reason = name_problem(name, self.max_name_chars)
         if reason:
             raise MemoryRefused(f"refused file name {name!r}: {reason}")
         return name

@@ -1,26 +1,36 @@
 """Loop #1: a meta-LLM investigates a run's traces and rewrites the scaffold; a gate keeps a
-revision only if progression on the same seeds improves.
+revision only if its paired improvement over the parent is significant.
 
-    python meta_scaffold.py propose --scaffold v0 --run runs/crafter_v0 [--out scaffolds/v1]
-        [--meta-model NAME] [--meta-base-url URL] [--feedback runs/crafter_v1_rejected]
-    python meta_scaffold.py gate --base runs/crafter_v0 --candidate runs/crafter_v1
+    python meta_scaffold.py propose --scaffold v0 --run runs/loop1/gate/v0 [--out scaffolds/v1]
+        [--meta-model NAME] [--meta-base-url URL] [--log runs/loop1/loop1_log.jsonl]
+    python meta_scaffold.py gate --base runs/loop1/gate/v0 --candidate runs/loop1/gate/v1 [--alpha 0.05]
+    python meta_scaffold.py gate --power --base runs/loop1/gate/v0    # how many gate episodes?
+    python meta_scaffold.py report --log runs/loop1/loop1_log.jsonl --out runs/loop1/report.md
 
 `propose` runs the meta-LLM as a tool-using agent over any OpenAI-compatible chat endpoint
-(function calling): it can list, read and grep the run, the parent scaffold and this project's
-code (read-only), and write files in the new scaffold only. The new scaffold starts as a copy of
-the parent; before it is kept it must load (its policy.py checked), a smoke episode with
-tiny-random must run on its game, and it must change structure, not wording alone.
-Failures go back to the meta-LLM (bounded attempts). The transcript is saved beside the scaffold
-as <out>.transcript.json. `--meta-backend claude-code` drives the `claude` CLI instead.
+(function calling; key in META_API_KEY, never the agent server's): it lists, reads and greps the
+run, reads a trace step by step, field by field, reads the parent scaffold, this project's code
+and, in a loop, every earlier version and attempt; it writes only in the new scaffold. With a loop
+log it is given the whole lineage (each version's scores, CHANGES.md and analysis) and every
+rejected attempt (gate result, analysis, diff). The new scaffold starts as a copy of the parent;
+it is kept only once it validates (failures go back to the meta-LLM, for a bounded number of
+rounds). The transcript and the meta-LLM's analysis are saved beside the scaffold.
 
-`gate` exits 0 (accept: mean progression improves), 1 (reject) or 2 (unusable input), and prints
-the per-seed paired differences with a bootstrap confidence interval.
+`gate` exits 0 (accept), 1 (reject) or 2 (runs that cannot be compared: other settings than the
+scaffold, other or unfinished episodes). It accepts only when a one-sided paired sign-flip test
+on the per-seed differences is significant at --alpha.
+
+scripts/loop1.sh chains these with eval.py; its log (`loop-state` reads it) makes it resumable.
+A loop folder holds loop1_log.jsonl, gate/<version>/ and report/<version>/ runs, report.md.
 """
 import argparse
+import ast
+import difflib
+import itertools
 import json
 import os
-import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,35 +38,56 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 import agent as agent_mod
 import eval as ev
 
 ROOT = Path(__file__).resolve().parent
 CODE_FILES = ("agent.py", "memory_fs.py", "envs.py", "eval.py", "README.md")
-STRUCTURE_KEYS = ("ops", "limits", "initial_files", "prompts", "fallback_action")
+CODE_ENTRIES = (*CODE_FILES, "scaffolds", "scripts", "tests")      # all that code/ shows
+RESULT_CHARS = 16_000        # any tool result is cut here, with a note of what was cut
+FIELD_CHARS = 3_000          # one field of one trace step, when a step is shown whole
+LINE_CHARS = 2_000           # read_file cuts longer lines (trace lines: read_steps)
+GREP_CHARS = 300             # grep shows this much of a matching line, around the match
+MAX_STEPS_SHOWN = 200        # steps per read_steps call
+KEEP_RECENT = 6              # tool results never dropped from the context
+PYTHON_TIMEOUT = 60          # seconds for one run_python call
 
+
+def _tool(name, description, properties, required):
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": properties, "required": required}}}
+
+
+_S, _I = {"type": "string"}, {"type": "integer"}
 TOOLS = [
-    {"type": "function", "function": {
-        "name": "list_files", "description": "List files under a folder (recursively, up to 300).",
-        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}},
-    {"type": "function", "function": {
-        "name": "read_file", "description": "Read lines [offset, offset+limit) of a text file.",
-        "parameters": {"type": "object", "properties": {
-            "path": {"type": "string"}, "offset": {"type": "integer"}, "limit": {"type": "integer"}},
-            "required": ["path"]}}},
-    {"type": "function", "function": {
-        "name": "grep", "description": "Lines matching a regular expression in a file or under a folder.",
-        "parameters": {"type": "object", "properties": {
-            "pattern": {"type": "string"}, "path": {"type": "string"}, "max_results": {"type": "integer"}},
-            "required": ["pattern", "path"]}}},
-    {"type": "function", "function": {
-        "name": "write_file", "description": "Create or replace a file inside new/ (the new scaffold).",
-        "parameters": {"type": "object", "properties": {
-            "path": {"type": "string"}, "content": {"type": "string"}}, "required": ["path", "content"]}}},
-    {"type": "function", "function": {
-        "name": "finish", "description": "The revision is complete: validate it.",
-        "parameters": {"type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]}}},
+    _tool("list_files", "List files under a folder (recursively, up to 300).", {"path": _S}, ["path"]),
+    _tool("read_file", f"Read lines [offset, offset+limit) of a text file; lines longer than {LINE_CHARS} "
+          "characters are cut (read trace lines with read_steps).",
+          {"path": _S, "offset": _I, "limit": _I}, ["path"]),
+    _tool("grep", f"Lines matching a regular expression in a file or under a folder; a long line is shown "
+          f"as {GREP_CHARS} characters around the match.",
+          {"pattern": _S, "path": _S, "max_results": _I}, ["pattern", "path"]),
+    _tool("read_steps", "Read a trace (ep_<seed>.jsonl) step by step, field by field. One step (end "
+          "omitted): every field (or those named), each cut at "
+          f"{FIELD_CHARS} characters with a note; one field of one step: up to {RESULT_CHARS} characters "
+          "from `offset`. A range of steps: one line per step (action, reward, progression, ops per "
+          "routine), or the named fields of each step. Fields: step, observation, action, reward, done, "
+          "progression, memory_diff, info, tokens, state, next_state, system, and each routine by name "
+          "(log, plan, ...: its turns, responses and ops with results).",
+          {"path": _S, "step": _I, "end": _I, "fields": {"type": "array", "items": _S}, "offset": _I},
+          ["path", "step"]),
+    _tool("write_file", "Create or replace a file inside new/ (the new scaffold).",
+          {"path": _S, "content": _S}, ["path", "content"]),
+    _tool("finish", "The revision is complete: validate it. `analysis`: what the traces showed and why "
+          "this change should help (the next proposals read it).",
+          {"analysis": _S}, ["analysis"]),
 ]
+PYTHON_TOOL = _tool(
+    "run_python", f"Run a short Python 3 analysis with the run folder as working directory and its output "
+    f"(stdout and stderr, cut at {RESULT_CHARS} characters) as the result; {PYTHON_TIMEOUT} s limit. "
+    "`import eval; eval.read_trace(path)` parses a trace into step records.", {"code": _S}, ["code"])
 
 
 def readme_section(title):
@@ -78,8 +109,10 @@ says. A scaffold is code plus data; this is how one is written:
 """ + SCAFFOLD_API + """
 
 Investigate the run with the tools: read and grep the traces (one JSON line per step: observation,
-LOG and PLAN turns with their ops and results, action, reward, progression, memory_diff; the
-system prompt is stored once, in the first line's "system" field, and referred to after), the final
+LOG and PLAN turns with their ops and results, action, reward, progression, memory_diff; nothing
+is stored twice: a message that repeats a text holds "parts", strings and refs, for its "content":
+{"ref": "o12"} is step 12's observation, "x12.log.1.0" that op's result, "r12.plan.0" that reply,
+"m11.3" a text of the step before's messages (a prompt's fixed text)), the final
 memory folders, the parent scaffold and the agent's code. Find where memory use went wrong (what
 was never recorded, searches that came back empty, redundant writes, repeated useless actions) and
 revise the scaffold in new/ (it starts as a copy of the parent).
@@ -91,26 +124,64 @@ structure), not wording alone. Write CHANGES.md in new/ with your analysis and t
 Paths: run/ (the run), parent/ (parent scaffold), code/ (project code), new/ (the new scaffold,
 the only place you may write). Call finish when done."""
 
+META_VIEW = f"""How you see things: every tool result is cut at {RESULT_CHARS} characters, with a note
+saying what was cut; when the conversation grows long, older tool results are replaced by a
+one-line note (call the tool again if you need one). A trace line is one step and too long for
+read_file: read it with read_steps, and scan a range of steps with read_steps(path, step, end).
+In a loop, two more read-only folders: loop/ (the loop's log and the gate run of every version and
+attempt, loop/gate/<version>/) and versions/ (the scaffold of every version and attempt; beside
+each, <version>.analysis.md and <version>.transcript.json). The user message lists the lineage and
+every rejected attempt: learn from them, do not repeat a rejected change."""
+
 
 class ToolError(Exception):
     pass
 
 
-class Workspace:
-    """The meta-LLM's file view: four roots, writes only under new/, no path escapes."""
+def keyless_env(home, extra=None):
+    """The environment for code the meta-LLM wrote (scaffold validation, run_python): only the
+    variables a run needs (paths, locale, thread counts), none that looks like a credential, and
+    HOME, the XDG folders and HF_HOME pointed at `home`, a fresh empty folder, so that it finds no
+    ~/.netrc or Hugging Face token either. Not a filesystem sandbox: the code still runs with
+    your file rights, and the loader's AST checks are the first line of defence."""
+    keep = ("PATH", "LANG", "LC_", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "AUTOMEM_",
+            "BOXOBAN_", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_", "MKL_", "CUDA_VISIBLE_DEVICES")
+    secret = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.I)
+    env = {k: v for k, v in os.environ.items() if k.startswith(keep) and not secret.search(k)}
+    homes = {k: str(Path(home, sub)) for k, sub in [("HOME", "."), ("XDG_CONFIG_HOME", ".config"),
+             ("XDG_CACHE_HOME", ".cache"), ("XDG_DATA_HOME", ".local/share"), ("HF_HOME", ".cache/hf")]}
+    return {**env, **homes, **(extra or {})}
 
-    def __init__(self, run, parent, new):
+
+def cut(text, limit=RESULT_CHARS, hint="narrow the request"):
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[cut: {limit} of {len(text)} characters shown; {hint}]"
+
+
+class Workspace:
+    """The meta-LLM's file view: named roots, writes only under new/, no path escapes."""
+
+    def __init__(self, run, parent, new, loop=None, versions=None, allow_python=False):
         self.roots = {"run": Path(run).resolve(), "parent": Path(parent).resolve(),
                       "code": ROOT, "new": Path(new).resolve()}
+        if loop:
+            self.roots.update(loop=Path(loop).resolve(), versions=Path(versions).resolve())
+        self.allow_python = allow_python
+
+    @property
+    def tools(self):
+        return TOOLS + [PYTHON_TOOL] * self.allow_python
 
     def resolve(self, path, write=False):
+        heads = ", ".join(f"{h}/" for h in self.roots)
         if not isinstance(path, str) or not path.strip():
             raise ToolError("a path is needed, e.g. run/summary.json")
         if path.startswith("/") or re.match(r"^[A-Za-z]:", path) or "\0" in path:
-            raise ToolError(f"refused {path!r}: paths start with run/, parent/, code/ or new/")
+            raise ToolError(f"refused {path!r}: paths start with {heads}")
         head, _, rest = path.strip().partition("/")
         if head not in self.roots:
-            raise ToolError(f"refused {path!r}: paths start with run/, parent/, code/ or new/")
+            raise ToolError(f"refused {path!r}: paths start with {heads}")
         if write and head != "new":
             raise ToolError(f"refused {path!r}: you may write only inside new/")
         root = self.roots[head]
@@ -126,16 +197,28 @@ class Workspace:
         real = Path(os.path.realpath(target))
         if real != root and root not in real.parents:
             raise ToolError(f"refused {path!r}: outside {head}/")
-        if head == "code" and rest and Path(rest).parts[0] not in (*CODE_FILES, "scaffolds", "scripts", "tests"):
+        if head == "code" and Path(rest).parts and Path(rest).parts[0] not in CODE_ENTRIES:
             raise ToolError(f"refused {path!r}: code/ shows {', '.join(CODE_FILES)}, scaffolds/, scripts/, tests/")
         return real
 
-    def list_files(self, path):
+    def files(self, path):
+        """The folder path resolves to and the files a listing or grep of it sees: under code/ only
+        CODE_ENTRIES, and never a file reached through a link or outside its root (a link planted
+        in a run folder must not become a way out)."""
         p = self.resolve(path)
         if p.is_file():
+            return p, [p]
+        tops = [p / e for e in CODE_ENTRIES] if p == ROOT else [p]
+        found = (f for top in tops for f in ([top] if top.is_file() else top.rglob("*")))
+        # root and p are resolved, so a file whose real path differs went through a link
+        return p, sorted(f for f in found if f.is_file() and "__pycache__" not in f.parts
+                         and Path(os.path.realpath(f)) == f)
+
+    def list_files(self, path):
+        p, files = self.files(path)
+        if p.is_file():
             return path
-        files = sorted(str(f.relative_to(p)) for f in p.rglob("*")
-                       if f.is_file() and "__pycache__" not in f.parts)
+        files = [str(f.relative_to(p)) for f in files]
         more = f"\n... {len(files) - 300} more" if len(files) > 300 else ""
         return "\n".join(files[:300]) + more or "(empty)"
 
@@ -145,7 +228,10 @@ class Workspace:
             raise ToolError(f"{path} is not a file")
         lines = p.read_text(errors="replace").splitlines()
         offset, limit = max(0, int(offset or 0)), max(1, min(int(limit or 200), 2000))
-        chunk = [line[:4000] for line in lines[offset:offset + limit]]
+        chunk = [line if len(line) <= LINE_CHARS else
+                 line[:LINE_CHARS] + f" [line cut: {LINE_CHARS} of {len(line)} characters"
+                 + ("; read trace steps with read_steps]" if p.suffix == ".jsonl" else "]")
+                 for line in lines[offset:offset + limit]]
         return f"[{path}: lines {offset}-{offset + len(chunk)} of {len(lines)}]\n" + "\n".join(chunk)
 
     def grep(self, pattern, path, max_results=50):
@@ -153,16 +239,53 @@ class Workspace:
             rx = re.compile(pattern)
         except re.error as e:
             raise ToolError(f"bad pattern: {e}")
-        p = self.resolve(path)
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        p, files = self.files(path)
         out, max_results = [], max(1, min(int(max_results or 50), 500))
         for f in files:
             for i, line in enumerate(f.read_text(errors="replace").splitlines()):
-                if rx.search(line):
-                    out.append(f"{f.relative_to(p) if f != p else path}:{i}: {line[:400]}")
-                    if len(out) >= max_results:
-                        return "\n".join(out) + f"\n[stopped at {max_results} matches]"
+                m = rx.search(line)
+                if not m:
+                    continue
+                if len(line) > GREP_CHARS:
+                    a = max(0, m.start() - GREP_CHARS // 3)
+                    line = (f"[{len(line)} characters, from {a}] " + ("..." if a else "")
+                            + line[a:a + GREP_CHARS] + ("..." if a + GREP_CHARS < len(line) else ""))
+                out.append(f"{f.relative_to(p) if f != p else path}:{i}: {line}")
+                if len(out) >= max_results:
+                    return "\n".join(out) + f"\n[stopped at {max_results} matches]"
         return "\n".join(out) or "(no match)"
+
+    def read_steps(self, path, step, end=None, fields=None, offset=0):
+        p = self.resolve(path)
+        if not p.is_file() or p.suffix != ".jsonl":
+            raise ToolError(f"{path} is not a trace (an ep_<seed>.jsonl file)")
+        first, last = int(step), int(step if end is None else end)
+        if first < 0 or last < first:
+            raise ToolError("need 0 <= step <= end")
+        note = ""
+        if last - first >= MAX_STEPS_SHOWN:
+            last = first + MAX_STEPS_SHOWN - 1
+            note = f"\n[only steps {first}-{last} shown: {MAX_STEPS_SHOWN} per call]"
+        records, total = [], 0
+        for i, record in enumerate(ev.iter_trace(p)):   # streamed: a line refers to texts before it
+            total = i + 1
+            if first <= i:
+                records.append(record)
+            if i >= last:
+                break
+        if not records:
+            raise ToolError(f"{path} has no step {first} ({total} steps)")
+        fields = list(fields) if fields else None
+        if "system" in (fields or []):
+            system = next((m["content"] for r in records for _, routine in ev.routines(r) for t in routine["turns"]
+                           for m in t.get("messages", []) if m.get("role") == "system"), None)
+            records[0]["system"] = system if system is not None else "(no system prompt in these steps)"
+        if len(records) == 1:
+            return render_step(records[0], fields, offset) + note
+        if not fields:
+            return "\n".join(step_line(r) for r in records) + note
+        per = max(200, RESULT_CHARS // (len(records) * len(fields)))
+        return "\n\n".join(render_step(r, fields, cap=per) for r in records) + note
 
     def write_file(self, path, content):
         p = self.resolve(path, write=True)
@@ -174,10 +297,112 @@ class Workspace:
         os.replace(tmp, p)
         return f"wrote {path} ({len(content)} characters)"
 
+    def run_python(self, code):
+        """LLM-written code: a subprocess with a time limit, no credentials in its environment."""
+        if not self.allow_python:
+            raise ToolError("run_python is not enabled (propose --allow-python)")
+        try:
+            with tempfile.TemporaryDirectory(prefix="automem_home_") as home:
+                r = subprocess.run([sys.executable, "-c", code], cwd=self.roots["run"], capture_output=True, text=True,
+                                   timeout=PYTHON_TIMEOUT, env=keyless_env(home, {"PYTHONPATH": str(ROOT)}))
+        except subprocess.TimeoutExpired:
+            raise ToolError(f"stopped after {PYTHON_TIMEOUT} s: make the analysis shorter")
+        return f"[exit {r.returncode}]\n{r.stdout}" + (f"\n[stderr]\n{r.stderr}" if r.stderr else "")
+
     def call(self, name, args):
-        if name not in ("list_files", "read_file", "grep", "write_file"):
+        if name not in ("list_files", "read_file", "grep", "read_steps", "write_file", "run_python"):
             raise ToolError(f"unknown tool {name!r}")
-        return getattr(self, name)(**args)
+        return cut(getattr(self, name)(**args))
+
+
+def step_line(record):
+    """One step in a line: what a range view shows."""
+    a = record.get("action") or {}
+    ops = "; ".join(f"{name}: " + (", ".join(o["op"] + ("!" if o.get("error") else "")
+                                              + (f"({','.join(o['flags'])})" if o.get("flags") else "")
+                                              for o in ev.routine_ops(routine)) or "-")
+                    for name, routine in ev.routines(record))
+    return (f"step {record.get('step')}: action {a.get('raw')!r} -> {a.get('executed')}"
+            f"{'' if a.get('valid', True) else ' (invalid)'}, reward {record.get('reward', 0):+.2f}, "
+            f"progression {record.get('progression', 0):.3f} | {ops}")
+
+
+def render_routine(routine):
+    lines = [f"ended: {routine.get('ended')}"]
+    for k, turn in enumerate(routine.get("turns", [])):
+        lines.append(f"-- turn {k} ({turn.get('role', 'base')})")
+        for m in turn.get("messages", turn.get("added", [])):
+            text = "[the system prompt: field 'system']" if m.get("role") == "system" else m.get("content")
+            lines.append(f"{m.get('role')}: {text}")
+        lines.append(f"response: {turn.get('response')}")
+        for o in turn.get("ops", []):
+            extra = f" error: {o['error']}" if o.get("error") else f" -> {o.get('result')!r}"
+            lines.append(f"op {o['op']}({' | '.join(map(str, o.get('args', [])))}){extra}"
+                         + (f" flags {o['flags']}" if o.get("flags") else ""))
+    return "\n".join(lines)
+
+
+def render_step(record, fields=None, offset=0, cap=FIELD_CHARS):
+    """One step, field by field. One field alone is shown up to RESULT_CHARS from `offset`."""
+    routine_names = [name for name, _ in ev.routines(record)]
+    order = ["step", "action", "reward", "done", "progression", "observation", *routine_names, "memory_diff"]
+    names = fields or order + [k for k in record if k not in order]
+    unknown = [n for n in names if n not in record]
+    if unknown:
+        raise ToolError(f"step {record.get('step')} has no field {unknown[0]!r}; it has: {', '.join(record)}")
+    single = fields is not None and len(fields) == 1
+    out = []
+    for name in names:
+        value = record[name]
+        text = (render_routine(value) if name in routine_names else
+                value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+        if single:
+            text, limit = text[int(offset or 0):], RESULT_CHARS - 200
+            shown = cut(text, limit, f"offset={int(offset or 0) + limit} shows more")
+        else:
+            shown = cut(text, cap, f"read_steps(path, {record.get('step')}, fields=['{name}']) shows it whole")
+        out.append(f"## {name}\n{shown}" if "\n" in shown or len(shown) > 80 else f"## {name}: {shown}")
+    return f"[step {record.get('step')}]\n" + "\n".join(out)
+
+
+def fit_context(messages, budget):
+    """Keep the conversation under `budget` characters: the oldest tool results (all but the last
+    KEEP_RECENT) become a one-line note, then the file contents of older write_file calls. The
+    transcript keeps everything; this changes only what is sent."""
+    def size():
+        return sum(len(json.dumps(m, ensure_ascii=False)) for m in messages)
+    if size() <= budget:
+        return
+    calls = {c["id"]: c["function"] for m in messages if m.get("tool_calls") for c in m["tool_calls"]}
+    tool_idx = [i for i, m in enumerate(messages) if m["role"] == "tool"]
+    for i in tool_idx[:-KEEP_RECENT]:
+        m = messages[i]
+        if m["content"].startswith("[dropped"):
+            continue
+        fn = calls.get(m.get("tool_call_id"), {"name": "?", "arguments": ""})
+        first = m["content"].split("\n", 1)[0][:120]
+        messages[i] = {**m, "content": f"[dropped to fit the context: {fn['name']}({fn['arguments'][:160]}) "
+                                       f"gave {len(m['content'])} characters, starting {first!r}; call "
+                                       "it again if you need it]"}
+        if size() <= budget:
+            return
+    asst = [i for i, m in enumerate(messages) if m.get("tool_calls")]
+    for i in asst[:-KEEP_RECENT]:
+        calls_i = []
+        for c in messages[i]["tool_calls"]:
+            fn = c["function"]
+            if fn["name"] == "write_file" and len(fn["arguments"]) > 300:
+                try:
+                    path = json.loads(fn["arguments"]).get("path")
+                except json.JSONDecodeError:
+                    path = "?"
+                fn = {**fn, "arguments": json.dumps({"path": path, "content": "[written earlier: read "
+                                                     "the file to see it]"})}
+            calls_i.append({**c, "function": fn})
+        messages[i] = {**messages[i], "tool_calls": calls_i}
+        if size() <= budget:
+            return
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,44 +448,260 @@ def digest(run):
 
 
 # ---------------------------------------------------------------------------------------------
+# The loop's log: where it stands, the lineage and the rejected attempts
+# ---------------------------------------------------------------------------------------------
+
+def read_log(path):
+    """The loop's events in order; a line cut by a kill mid-write is skipped."""
+    events = []
+    for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def append_event(path, event):
+    """One event, one write on an O_APPEND file; after a line cut by a kill, a new line first."""
+    line = json.dumps({**event, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, ensure_ascii=False) + "\n"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = "\n" + line
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def loop_state(events, attempts):
+    """Where a loop stands after its logged events: the best version, the chain of accepted
+    versions, the next (iteration, attempt), and a candidate already proposed for it whose
+    evaluation or gate did not finish (a restart evaluates it instead of proposing again)."""
+    start = next((e for e in events if e["event"] == "start"), None)
+    if start is None:
+        raise ValueError("the log has no start event")
+    chain, iteration, attempt, pending = [start["scaffold"]], 1, 1, None
+    for e in events:
+        if e["event"] == "proposed":
+            pending = e["candidate"]
+        elif e["event"] in ("gated", "invalid"):
+            pending = None
+            if e.get("accept"):
+                chain.append(e["candidate"])
+            done = e.get("accept") or e["attempt"] >= attempts
+            iteration, attempt = (e["iteration"] + 1, 1) if done else (e["iteration"], e["attempt"] + 1)
+    if pending and not Path(pending).is_dir():
+        pending = None
+    return {"best": chain[-1], "chain": chain, "iteration": iteration, "attempt": attempt, "pending": pending}
+
+
+def analysis_path(scaffold):
+    return Path(f"{scaffold}.analysis.md")
+
+
+def _text(path, limit, where):
+    p = Path(path)
+    return cut(p.read_text(errors="replace").strip(), limit, f"read {where}") if p.is_file() else "(none)"
+
+
+def scaffold_diff(a, b):
+    """Unified diff of every text file of two scaffold folders."""
+    rels = sorted({str(p.relative_to(d)) for d in (a, b) for p in Path(d).rglob("*")
+                   if p.is_file() and "__pycache__" not in p.parts})
+    out = []
+    for rel in rels:
+        old, new = ((Path(d) / rel).read_text(errors="replace").splitlines(keepends=True)
+                    if (Path(d) / rel).is_file() else [] for d in (a, b))
+        out += difflib.unified_diff(old, new, f"{Path(a).name}/{rel}", f"{Path(b).name}/{rel}")
+    return "".join(out) or "(no difference)"
+
+
+def gate_line(e):
+    return (f"gate {e['candidate_mean_pct']:.2f} % vs its parent's {e['base_mean_pct']:.2f} % on {e['n']} "
+            f"paired episodes: difference {e['mean_diff_pct']:+.2f} points, one-sided p = "
+            f"{e['p_value']:.4f} (alpha {e['alpha']:g})")
+
+
+def history_text(log):
+    """The whole loop so far, for the next proposal: every accepted version (scores, CHANGES.md,
+    analysis) and every rejected attempt (gate result or validation problem, analysis, diff)."""
+    events = read_log(log)
+    chain = loop_state(events, attempts=1)["chain"]
+    gated = [e for e in events if e["event"] == "gated"]
+    accepted = {e["candidate"]: e for e in gated if e["accept"]}
+    base_score = {e["parent"]: e["base_mean_pct"] for e in gated}
+    parts = ["# The loop so far", "## Lineage: the accepted versions, oldest first (the last is your parent)"]
+    for s in chain:
+        name = Path(s).name
+        if s in accepted:
+            score = f"parent {Path(accepted[s]['parent']).name}; {gate_line(accepted[s])}"
+        else:
+            score = "the starting scaffold" + (f"; gate {base_score[s]:.2f} %" if s in base_score else "")
+        parts.append(f"### {name}: {score}\nCHANGES.md:\n{_text(Path(s) / 'CHANGES.md', 3000, f'versions/{name}/CHANGES.md')}"
+                     f"\nAnalysis:\n{_text(analysis_path(s), 2000, f'versions/{name}.analysis.md')}")
+    rejected = [e for e in events if (e["event"] == "gated" and not e["accept"]) or e["event"] == "invalid"]
+    parts.append(f"## Rejected attempts ({len(rejected)}), oldest first")
+    for e in rejected:
+        name, parent = Path(e["candidate"]).name, Path(e["parent"]).name
+        head = f"### {name} (iteration {e['iteration']}, attempt {e['attempt']}, parent {parent}): "
+        analysis = f"Analysis:\n{_text(analysis_path(e['candidate']), 2000, f'versions/{name}.analysis.md')}"
+        if e["event"] == "invalid":
+            parts.append(head + f"not valid: {e['problem']}\n" + analysis)
+            continue
+        diff = cut(scaffold_diff(e["parent"], e["candidate"]), 3000, f"read versions/{name}/ for the rest")
+        parts.append(head + f"rejected by the {gate_line(e)}. Its gate run: loop/gate/{name}/.\n"
+                     f"{analysis}\nDiff against its parent:\n{diff}")
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
 
-def structural_change(parent_dir, new_dir):
-    """True if the revision changes more than prompt wording."""
-    a = json.loads((Path(parent_dir) / "scaffold.json").read_text())
-    b = json.loads((Path(new_dir) / "scaffold.json").read_text())
-    if any(a.get(k) != b.get(k) for k in STRUCTURE_KEYS):
-        return True
-    code = [(Path(d) / "policy.py").read_text() if (Path(d) / "policy.py").exists() else None
-            for d in (parent_dir, new_dir)]
-    if code[0] != code[1]:
-        return True
-    files = lambda d: {str(p.relative_to(d)): p.read_text() for p in (Path(d) / "memory").rglob("*") if p.is_file()}  # noqa: E731
-    return files(parent_dir) != files(new_dir)
-
-
-def validate(new_dir, parent_dir, env_name, task):
-    """None if the scaffold may be kept, else what is wrong (it goes back to the meta-LLM)."""
+def structure(folder):
+    """What makes a scaffold's structure: its policy code (comments and docstrings aside), the
+    ops each routine may use, which prompt templates exist, and the initial memory files. Not
+    limits, fallbacks or a prompt's wording."""
+    folder = Path(folder)
     try:
-        new = agent_mod.load_scaffold(new_dir)
+        tree = ast.parse((folder / "policy.py").read_text())
+    except (OSError, SyntaxError, ValueError):
+        tree = None
+    for node in ast.walk(tree) if tree else []:
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    try:
+        config = json.loads((folder / "scaffold.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {}
+    return {"policy.py": tree and ast.dump(tree), "ops": config.get("ops"),
+            "initial_files": config.get("initial_files"),
+            "prompts": sorted(p.name for p in (folder / "prompts").glob("*.txt")),
+            "memory": {str(p.relative_to(folder)): p.read_text(errors="replace")
+                       for p in sorted((folder / "memory").rglob("*")) if p.is_file()}}
+
+
+def structural_change(parent_dir, new_dir):
+    """The parts of the structure a revision changed (empty: wording or limits only)."""
+    a, b = structure(parent_dir), structure(new_dir)
+    return [k for k in a if a[k] != b[k]]
+
+
+SMOKE_STEPS = 12              # per game, at most: every routine that lists ops must run by then
+SMOKE_ARGS = {"READ": ["smoke.txt"], "SEARCH": ["smoke.txt", "line"], "TAIL": ["smoke.txt", "2"],
+              "COUNT": ["smoke.txt", "line"], "APPEND": ["smoke.txt", "a line"],
+              "WRITE": ["smoke.txt", "a first line"], "CREATE": ["smoke_new.txt"],
+              "UPSERT": ["smoke.txt", "key", "value"], "DELETE": ["smoke_new.txt"]}
+
+
+class SmokeStop(Exception):
+    """Ends a smoke episode early: with a problem, or None once every op has been called."""
+
+
+def smoke_reply(listed, arity, action):
+    """The scripted model of the smoke episodes: one reply that calls every op the scaffold
+    lists (placeholder arguments), commits `action` and ends with DONE. A routine runs the ops
+    it allows and refuses the others, so each routine that runs calls all of its ops."""
+    calls = [f"<|{op}|>" + "|".join(SMOKE_ARGS.get(op, ["smoke"] * arity[op])) + ("<|END|>" if arity[op] else "")
+             for op in listed if op not in ("ACTION", "DONE")]
+    return "\n".join(calls + [f"<|ACTION|>{action}<|END|>", "<|DONE|>"])
+
+
+def smoke(scaffold_dir, games):
+    """Load a scaffold (the checker) and play up to SMOKE_STEPS steps of each (env, task) with a
+    scripted model that calls every op the scaffold lists in each routine, committing a valid
+    and an invalid action in turn. None, or what went wrong. Runs LLM-written code: call it in
+    a process without credentials (`validate`)."""
+    import envs
+    from memory_fs import ARITY
+    try:
+        scaffold = agent_mod.load_scaffold(scaffold_dir)
     except agent_mod.ScaffoldError as e:
         return f"the scaffold does not load: {e}"
-    if not structural_change(parent_dir, new_dir):
-        return ("the revision changes wording only: change structure too (policy.py, ops, memory-file "
-                "schema, routine structure)")
-    if not new.changes.strip() or new.changes == agent_mod.load_scaffold(parent_dir).changes:
-        return "write new/CHANGES.md: your analysis of the run and the method change"
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(ROOT / "eval.py"), "--env", env_name, "--scaffold", str(new_dir),
-               "--model", "tiny-random", "--episodes", "1", "--max-steps", "2", "--max-new-tokens", "16",
-               "--concurrency", "1", "--out", f"{tmp}/smoke"]
-        if task:
-            cmd += ["--tasks", task]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        if r.returncode != 0:   # a policy error fails the episode
-            return "a smoke episode with tiny-random failed:\n" + r.stderr[-1500:]
+    arity = {**ARITY, **{op: spec["arity"] for op, spec in scaffold.module().get("OPS", {}).items()}}
+    wanted = {(routine, op) for routine, ops in scaffold.config["ops"].items() for op in ops}
+    listed = sorted({op for _, op in wanted})
+    called, turns = set(), itertools.count()
+    model = {}
+    server = agent_mod.ScriptedServer(lambda body: smoke_reply(
+        listed, arity, model["actions"][next(turns) % 2]))
+    with server, tempfile.TemporaryDirectory() as tmp:
+        backend = agent_mod.OpenAIBackend(server.url, "smoke", max_retries=0, timeout=60)
+        for env_name, task in games:
+            env = envs.make_env(env_name, task, seed=0)
+            model["actions"] = (env.default_action, "not an action")
+            agent = agent_mod.make_agent("memory", env, scaffold, Path(tmp) / env_name)
+            steps = []
+
+            def on_step(record):
+                json.dumps(record)   # a trace line must serialise
+                for name, routine in ev.routines(record):
+                    for op in ev.routine_ops(routine):
+                        if str(op.get("result")).startswith(f"error: {op['op']} failed: "):
+                            raise SmokeStop(f"op {op['op']} failed in routine {name!r} at step {record['step']} "
+                                            f"of the smoke episode on {task or env_name}: {op['result'][7:]}")
+                        if op.get("error") is None:
+                            called.add((name, op["op"]))
+                steps.append(record["step"])
+                if wanted <= called and len(steps) >= 2:
+                    raise SmokeStop(None)
+            try:
+                result = agent_mod.run_episodes([agent_mod.play(env, agent, 0, on_step, SMOKE_STEPS)], backend)[0]
+                if isinstance(result, agent_mod.Unfinished):
+                    raise result.error   # what ended the episode, for the handlers below
+            except SmokeStop as stop:
+                if stop.args[0]:
+                    return stop.args[0]
+            except Exception as e:
+                return (f"the smoke episode on {task or env_name} failed at step {len(steps)}: "
+                        f"{policy_line(e, scaffold)}{type(e).__name__}: {e}")
+            finally:
+                agent.close()
+    missing = sorted(wanted - called)
+    if missing:
+        return ("these ops were never called in the smoke episodes (a scripted model offers every "
+                f"op in every turn, up to {SMOKE_STEPS} steps of {', '.join(t or e for e, t in games)}): "
+                + ", ".join(f"{op} in routine {r!r}" for r, op in missing)
+                + ". scaffold.json's ops are keyed by routine name, and each routine must run within "
+                  f"the first {SMOKE_STEPS} steps")
     return None
+
+
+def policy_line(error, scaffold):
+    """'policy.py:N: ' for the deepest frame of the scaffold's policy in an error's traceback."""
+    tb, line = error.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == str(scaffold.path / "policy.py"):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f"policy.py:{line}: " if line else ""
+
+
+def validate(new_dir, parent_dir, games):
+    """None if the revision may be kept, else what is wrong (it goes back to the meta-LLM). The
+    code it wrote is loaded and run only in a subprocess whose environment holds no credentials."""
+    changed = structural_change(parent_dir, new_dir)
+    if not changed:
+        return ("the revision changes wording or limits only: change structure too (policy.py, "
+                "the ops of a routine, prompt templates, memory files)")
+    changes = [Path(d, "CHANGES.md").read_text() if Path(d, "CHANGES.md").exists() else "" for d in (new_dir, parent_dir)]
+    if not changes[0].strip() or changes[0] == changes[1]:
+        return "write new/CHANGES.md: your analysis of the run and the method change"
+    try:
+        with tempfile.TemporaryDirectory(prefix="automem_home_") as home:
+            # cwd and HOME in a scratch folder: the scaffold's code starts where nothing of yours lies
+            r = subprocess.run([sys.executable, str(ROOT / "meta_scaffold.py"), "validate",
+                                str(Path(new_dir).resolve()), *(f"{e}:{t}" for e, t in games)], cwd=home,
+                               capture_output=True, text=True, timeout=600, env=keyless_env(home))
+    except subprocess.TimeoutExpired:
+        return "the validation did not finish in 600 s (a policy that loops forever?)"
+    if r.returncode == 0:
+        return None
+    return r.stdout.strip() or f"the validation process failed:\n{r.stderr[-1500:]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,24 +709,12 @@ def validate(new_dir, parent_dir, env_name, task):
 # ---------------------------------------------------------------------------------------------
 
 def next_version(scaffolds=agent_mod.SCAFFOLDS):
-    """The next vN free both in `scaffolds` and in the project's scaffolds/."""
+    """The next vN free both in `scaffolds` and in the project's scaffolds/. A transcript or
+    analysis (vN.*) reserves its number too: an attempt that left no scaffold keeps its record."""
     names = [d.name for folder in {Path(scaffolds), agent_mod.SCAFFOLDS} if folder.is_dir()
              for d in folder.iterdir()]
-    nums = [int(m.group(1)) for n in names if (m := re.fullmatch(r"v(\d+)", n))]
+    nums = [int(m.group(1)) for n in names if (m := re.fullmatch(r"v(\d+)(\..*)?", n))]
     return f"v{max(nums, default=-1) + 1}"
-
-
-def feedback_text(feedback_run):
-    run = Path(feedback_run)
-    cfg = json.loads((run / "config.json").read_text())
-    scaffold = Path(cfg.get("scaffold_path", ""))
-    changes = (scaffold / "CHANGES.md").read_text() if (scaffold / "CHANGES.md").exists() else "(missing)"
-    gate = run / "gate.json"
-    decision = json.loads(gate.read_text()) if gate.exists() else None
-    return ("Your previous revision was rejected. Its CHANGES.md:\n" + changes +
-            "\n\nIts evaluation:\n" + digest(run) +
-            ("\n\nGate decision:\n" + json.dumps(decision, indent=1) if decision else "") +
-            "\n\nRevise the parent scaffold again, learning from this.")
 
 
 def stamp_lineage(folder, parent, version):
@@ -300,23 +729,31 @@ def stamp_lineage(folder, parent, version):
         path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+class MetaLLMError(Exception):
+    pass
+
+
 def run_meta_agent(client, model, messages, ws, budget, transcript):
-    """The tool loop. Returns when the meta-LLM calls finish or a budget runs out."""
+    """The tool loop, until the meta-LLM calls finish ("finish", its analysis) or a budget runs
+    out ("budget" / "stopped", None). An endpoint that keeps failing raises MetaLLMError: that is
+    no attempt of the meta-LLM's and must not be recorded as one."""
     import openai
     reminded = False
     while True:
         if budget["tool_calls"] <= 0 or budget["tokens"] <= 0 or time.time() > budget["deadline"]:
             transcript.append({"event": "budget exhausted", "budget": dict(budget)})
-            return "budget"
+            return "budget", None
+        fit_context(messages, budget["context_chars"])
         try:
-            r = client.chat.completions.create(model=model, messages=messages, tools=TOOLS)
+            r = client.chat.completions.create(model=model, messages=messages, tools=ws.tools)
         except openai.OpenAIError as e:
             transcript.append({"event": "meta-LLM error", "error": str(e)})
-            return "error"
+            raise MetaLLMError(f"{type(e).__name__}: {e}")
         if r.usage:
             budget["tokens"] -= r.usage.total_tokens
         msg = r.choices[0].message
-        entry = {"role": "assistant", "content": msg.content or ""}
+        # a turn of tool calls carries content null, not "" (some proxies reject an empty string)
+        entry = {"role": "assistant", "content": msg.content or (None if msg.tool_calls else "")}
         if msg.tool_calls:
             entry["tool_calls"] = [{"id": c.id, "type": "function",
                                     "function": {"name": c.function.name, "arguments": c.function.arguments}}
@@ -325,151 +762,383 @@ def run_meta_agent(client, model, messages, ws, budget, transcript):
         transcript.append(entry)
         if not msg.tool_calls:
             if reminded:
-                return "stopped"
+                return "stopped", None
             reminded = True
             note = {"role": "user", "content": "Use the tools to investigate and write new/, then call finish."}
             messages.append(note)
             transcript.append(note)
             continue
-        finished = False
+        analysis = None
         for call in msg.tool_calls:
             budget["tool_calls"] -= 1
             try:
                 args = json.loads(call.function.arguments or "{}")
                 if call.function.name == "finish":
-                    finished, result = True, "validating your revision"
+                    analysis, result = str(args.get("analysis") or ""), "validating your revision"
                 else:
                     result = ws.call(call.function.name, args)
             except ToolError as e:
                 result = f"error: {e}"
-            except (json.JSONDecodeError, TypeError) as e:
+            except (json.JSONDecodeError, TypeError, ValueError) as e:
                 result = f"error: bad arguments for {call.function.name}: {e}"
             reply = {"role": "tool", "tool_call_id": call.id, "content": result}
             messages.append(reply)
             transcript.append(reply)
-        if finished:
-            return "finish"
+        if analysis is not None:
+            return "finish", analysis
 
 
 def propose(args):
+    from openai import OpenAI
+
     parent = agent_mod.load_scaffold(args.scaffold)
     run = Path(args.run)
-    cfg = json.loads((run / "config.json").read_text())
-    env_name = cfg["env"] if cfg["env"] != "all" else "crafter"
-    task = cfg["tasks"][0] if env_name == "minihack" else None
-    out = Path(args.out) if args.out else agent_mod.SCAFFOLDS / next_version()
+    games = sorted({(e, t) for e, t, _ in planned_episodes(settings(run))})
+    out = (Path(args.out) if args.out else agent_mod.SCAFFOLDS / next_version()).resolve()
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(parent.path, staging, symlinks=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(parent.path, staging, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     stamp_lineage(staging, parent.name, out.name)
-    ws = Workspace(run, parent.path, staging)
-    transcript = [{"event": "start", "parent": parent.name, "run": str(run), "out": str(out)}]
+    log = Path(args.log).resolve() if args.log else None
+    ws = Workspace(run, parent.path, staging, loop=log and log.parent, versions=out.parent,
+                   allow_python=args.allow_python)
     user = f"Digest of the run:\n{digest(run)}"
-    if args.feedback:
-        user += "\n\n" + feedback_text(args.feedback)
-    messages = [{"role": "system", "content": META_SYSTEM}, {"role": "user", "content": user}]
-    transcript += messages
-    budget = {"tool_calls": args.max_tool_calls, "tokens": args.max_tokens,
+    if log:
+        user += "\n\n" + history_text(log)
+    messages = [{"role": "system", "content": META_SYSTEM + "\n\n" + META_VIEW}, {"role": "user", "content": user}]
+    transcript = [{"event": "start", "parent": parent.name, "run": str(run), "out": str(out)}, *messages]
+    budget = {"tool_calls": args.max_tool_calls, "tokens": args.max_tokens, "context_chars": args.context_chars,
               "deadline": time.time() + args.max_wall}
-    problem = "no attempt made"
+    client = OpenAI(base_url=args.meta_base_url, max_retries=3, timeout=600,
+                    api_key=os.environ.get("META_API_KEY") or "EMPTY")
+    record = log and args.iteration is not None
+    slot = {"iteration": args.iteration, "attempt": args.attempt, "parent": str(parent.path.resolve()),
+            "candidate": str(out)}
+    problem, analysis = "no attempt made", None
     try:
-        for attempt in range(1, args.attempts + 1):
-            if args.meta_backend == "claude-code":
-                status = run_claude_code(staging, run, parent.path, user if attempt == 1 else problem,
-                                         args.max_wall, transcript)
-            else:
-                from openai import OpenAI
-                client = OpenAI(base_url=args.meta_base_url, max_retries=3, timeout=600,
-                                api_key=os.environ.get("OPENAI_API_KEY") or "EMPTY")
-                status = run_meta_agent(client, args.meta_model, messages, ws, budget, transcript)
+        for rnd in range(1, args.rounds + 1):
+            try:
+                status, said = run_meta_agent(client, args.meta_model, messages, ws, budget, transcript)
+            except MetaLLMError as e:
+                shutil.rmtree(staging, ignore_errors=True)
+                print(f"meta_scaffold.py: the meta-LLM endpoint failed ({e}); nothing recorded, rerun to "
+                      "try again", file=sys.stderr)
+                return 3
+            analysis = said or analysis
             stamp_lineage(staging, parent.name, out.name)  # the meta-LLM may have rewritten the file
-            problem = validate(staging, parent.path, env_name, task)
-            transcript.append({"event": "validation", "attempt": attempt, "status": status,
-                               "problem": problem})
+            problem = validate(staging, parent.path, games)
+            transcript.append({"event": "validation", "round": rnd, "status": status, "problem": problem})
             if problem is None:
                 os.replace(staging, out)
-                print(f"kept {out} (parent {parent.name}) after {attempt} attempt(s)")
+                if record:
+                    append_event(log, {"event": "proposed", **slot})
+                print(f"kept {out} (parent {parent.name}) after {rnd} validation round(s)")
                 return 0
-            print(f"attempt {attempt}: {problem.splitlines()[0]}", file=sys.stderr)
+            print(f"round {rnd}: {problem.splitlines()[0]}", file=sys.stderr)
             note = {"role": "user", "content": f"Validation failed, the revision is not kept yet:\n{problem}\n"
                                                "Fix it in new/ and call finish again."}
             messages.append(note)
             transcript.append(note)
         shutil.rmtree(staging, ignore_errors=True)
-        print(f"meta_scaffold.py: no valid revision after {args.attempts} attempts: "
+        if record:
+            append_event(log, {"event": "invalid", **slot, "problem": problem.splitlines()[0]})
+        print(f"meta_scaffold.py: no valid revision after {args.rounds} validation rounds: "
               f"{problem.splitlines()[0]}", file=sys.stderr)
         return 1
     finally:
-        transcript_path = out.with_name(out.name + ".transcript.json")
-        transcript_path.write_text(json.dumps(transcript, indent=1, ensure_ascii=False))
-
-
-def run_claude_code(staging, run, parent, prompt, max_wall, transcript):
-    """The authors' way: the `claude` coding-agent CLI edits the new scaffold folder."""
-    exe = shutil.which("claude")
-    if not exe:
-        raise SystemExit("meta_scaffold.py: --meta-backend claude-code needs the `claude` CLI on PATH")
-    text = (META_SYSTEM.replace("run/", f"{run}/").replace("parent/", f"{parent}/")
-            .replace("new/", f"{staging}/") + "\n\n" + prompt)
-    r = subprocess.run([exe, "-p", text, "--add-dir", str(run), "--add-dir", str(parent),
-                        "--allowedTools", "Read,Grep,Glob,Edit,Write"],
-                       cwd=staging, capture_output=True, text=True, timeout=max_wall)
-    transcript.append({"event": "claude-code", "returncode": r.returncode, "stdout": r.stdout[-20000:],
-                       "stderr": r.stderr[-5000:]})
-    return "finish" if r.returncode == 0 else "error"
+        out.with_name(out.name + ".transcript.json").write_text(json.dumps(transcript, indent=1, ensure_ascii=False))
+        if analysis:
+            analysis_path(out).write_text(analysis.strip() + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
 # gate
 # ---------------------------------------------------------------------------------------------
 
-def paired_progressions(run):
-    out = {}
-    for env_name, task, seed in ev.finished_episodes(run):
-        trace, _, _ = ev.episode_paths(run, env_name, task, seed)
-        out[(env_name, task, seed)] = ev.episode_stats(ev.read_trace(trace))["progression"]
+# config.json keys in which a base and a candidate may differ: the scaffold, and facts about how
+# a run went rather than what it measured (throughput, time, the code's commit and package
+# versions: a loop may commit its scaffolds between runs). Every other key must be equal.
+GATE_FREE = ("scaffold", "scaffold_path", "scaffold_hash", "concurrency", "wall_s", "wall_s_earlier",
+             "git_commit", "versions", "command")
+EXACT_UP_TO = 16           # sign-flip tests on up to 2^16 patterns are enumerated exactly
+TEST = "one-sided paired sign-flip test"
+
+
+def settings(run):
+    return json.loads((Path(run) / "config.json").read_text())
+
+
+def planned_episodes(cfg):
+    return ev.plan_jobs(argparse.Namespace(env=cfg["env"], tasks=cfg.get("tasks"), episodes=None,
+                                           seeds=",".join(map(str, cfg["seeds"]))))
+
+
+def _short(value):
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def not_comparable(base, cand):
+    """Why two runs cannot be compared episode by episode (one line), or None."""
+    if problem := ev.not_a_run([base, cand]):
+        return problem
+    a, b = settings(base), settings(cand)
+    for key in sorted(set(a) | set(b)):
+        if key not in GATE_FREE and a.get(key) != b.get(key):
+            return f"the runs differ in {key} ({_short(a.get(key))} vs {_short(b.get(key))}): only the scaffold may differ"
+    return unfinished(base) or unfinished(cand)
+
+
+def unfinished(run):
+    missing = sorted(set(planned_episodes(settings(run))) - set(ev.finished_episodes(run)))
+    if missing:
+        return (f"{run} has {len(missing)} unfinished episode(s) (e.g. {'/'.join(map(str, missing[0]))}): "
+                "finish it with eval.py --resume")
+    return None
+
+
+def progressions(run):
+    """(env, task, seed) -> final progression of every finished episode, from its result file."""
+    return {key: json.loads(ev.episode_paths(run, *key)[1].read_text())["progression"]
+            for key in ev.finished_episodes(run)}
+
+
+def sign_flip_p(diffs, flips=100_000, seed=0):
+    """One-sided p-values of the paired sign-flip (permutation) test of mean > 0, one per row of
+    `diffs`. Under "the candidate is no better", each paired difference is as likely positive
+    as negative, so flipping signs gives the statistic's null distribution: exact for any
+    distribution of differences (bounded, skewed and tied, as progression is) and any number of
+    seeds, where a t-test assumes normality and a percentile bootstrap is anti-conservative for
+    the 10-30 pairs a gate has. Up to EXACT_UP_TO pairs every pattern is enumerated; beyond,
+    `flips` random patterns give a valid Monte-Carlo p-value, (1 + hits) / (1 + flips)."""
+    d = np.atleast_2d(np.asarray(diffs, dtype=float))
+    n = d.shape[1]
+    exact = n <= EXACT_UP_TO
+    signs = (1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1) if exact else
+             np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=(flips, n)))
+    out = np.empty(len(d))
+    for i in range(0, len(d), 64):
+        chunk = d[i:i + 64]
+        hits = (chunk @ signs.T >= chunk.sum(1, keepdims=True) - 1e-7).sum(1)
+        out[i:i + 64] = hits / len(signs) if exact else (1 + hits) / (1 + flips)
     return out
 
 
-def bootstrap_ci(diffs, n=10000, level=0.95, seed=0):
-    rng = random.Random(seed)
-    k = len(diffs)
-    means = sorted(sum(rng.choice(diffs) for _ in range(k)) / k for _ in range(n))
-    lo, hi = means[int((1 - level) / 2 * n)], means[int((1 + level) / 2 * n) - 1]
-    return lo, hi
+def describe_test(n, flips=100_000):
+    return (f"{TEST}, " +
+            (f"exact over all 2^{n} sign patterns" if n <= EXACT_UP_TO else f"{flips:,} random sign patterns"))
 
 
 def gate(args):
     base, cand = Path(args.base), Path(args.candidate)
-    if problem := ev.not_a_run([base, cand]):
+    if problem := not_comparable(base, cand):
         print(f"meta_scaffold.py gate: {problem}", file=sys.stderr)
         return 2
-    a, b = paired_progressions(base), paired_progressions(cand)
-    if not a or set(a) != set(b):
-        only = sorted(set(a) ^ set(b))[:5]
-        print(f"meta_scaffold.py gate: the runs do not hold the same episodes (differ in {only})",
-              file=sys.stderr)
-        return 2
+    a, b = progressions(base), progressions(cand)
     keys = sorted(a)
-    diffs = [100 * (b[k] - a[k]) for k in keys]
-    mean_a = 100 * sum(a.values()) / len(a)
-    mean_b = 100 * sum(b.values()) / len(b)
-    lo, hi = bootstrap_ci(diffs, args.bootstrap)
-    accept = mean_b > mean_a
+    diffs = np.array([100 * (b[k] - a[k]) for k in keys])
+    p = float(sign_flip_p(diffs)[0])
+    accept = p <= args.alpha
+    mean_a, mean_b = 100 * np.mean([a[k] for k in keys]), 100 * np.mean([b[k] for k in keys])
+    se = diffs.std(ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
     print(f"{'env':<10}{'task':<32}{'seed':>6}{'base %':>9}{'cand %':>9}{'diff':>8}")
     for k, d in zip(keys, diffs):
         print(f"{k[0]:<10}{k[1]:<32}{k[2]:>6}{100 * a[k]:>9.2f}{100 * b[k]:>9.2f}{d:>+8.2f}")
-    print(f"mean progression: base {mean_a:.2f} %, candidate {mean_b:.2f} %, paired difference "
-          f"{sum(diffs) / len(diffs):+.2f} % (95% bootstrap CI {lo:+.2f} .. {hi:+.2f}) -> "
+    print(f"mean progression: base {mean_a:.2f} %, candidate {mean_b:.2f} %; paired difference "
+          f"{diffs.mean():+.2f} ± {se:.2f} points (mean ± s.e., {len(diffs)} pairs)")
+    print(f"{describe_test(len(diffs))}: p = {p:.4f} {'<=' if accept else '>'} alpha {args.alpha:g} -> "
           f"{'ACCEPT' if accept else 'REJECT'}")
-    decision = {"accept": accept, "base": str(base), "candidate": str(cand), "base_mean_pct": mean_a,
-                "candidate_mean_pct": mean_b, "mean_diff_pct": sum(diffs) / len(diffs),
-                "ci95_pct": [lo, hi], "n": len(diffs),
+    decision = {"accept": accept, "p_value": p, "alpha": args.alpha, "test": describe_test(len(diffs)),
+                "base_run": str(base), "candidate_run": str(cand), "base_mean_pct": mean_a, "candidate_mean_pct": mean_b,
+                "mean_diff_pct": float(diffs.mean()), "n": len(diffs),
                 "per_seed": [{"env": k[0], "task": k[1], "seed": k[2], "base": a[k], "candidate": b[k]}
                              for k in keys]}
     ev.write_json(Path(args.out) if args.out else cand / "gate.json", decision)
+    if args.log and args.iteration is not None:
+        append_event(args.log, {"event": "gated", "iteration": args.iteration, "attempt": args.attempt,
+                                "parent": str(Path(settings(base)["scaffold_path"]).resolve()),
+                                "candidate": str(Path(settings(cand)["scaffold_path"]).resolve()),
+                                **{k: v for k, v in decision.items() if k != "per_seed"}})
     return 0 if accept else 1
+
+
+def power(args):
+    """How often the gate accepts, simulated from a run's own per-episode variance: under no
+    change (its false-accept rate) and for true gains of 2, 5 and 10 points."""
+    base = Path(args.base)
+    if problem := ev.not_a_run([base]) or unfinished(base):
+        print(f"meta_scaffold.py gate --power: {problem}", file=sys.stderr)
+        return 2
+    a = progressions(base)
+    by_task = {}
+    for (env_name, task, _), v in a.items():
+        by_task.setdefault((env_name, task), []).append(100 * v)
+    resid = np.concatenate([np.asarray(v) - np.mean(v) for v in by_task.values()])
+    sd = np.sqrt((resid ** 2).sum() / max(1, len(resid) - len(by_task)))
+    if args.candidate:
+        if problem := not_comparable(base, Path(args.candidate)):
+            print(f"meta_scaffold.py gate --power: {problem}", file=sys.stderr)
+            return 2
+        b = progressions(Path(args.candidate))
+        d = np.array([100 * (b[k] - a[k]) for k in sorted(a)])
+        null, source = d - d.mean(), f"the centred paired differences of {base} and {args.candidate}"
+    else:
+        null = np.array([x - y for v in by_task.values() for x, y in itertools.permutations(v, 2)])
+        source = ("differences of two episodes of the same task in this run (independent draws: "
+                  "no benefit from pairing assumed, so conservative when seeds pair well)")
+    if len(null) == 0:
+        print("meta_scaffold.py gate --power: need at least two episodes of a task", file=sys.stderr)
+        return 2
+    print(f"{base}: {len(a)} episodes, per-episode SD {sd:.2f} points (within task); null paired "
+          f"differences: {source}, SD {null.std():.2f} points.")
+    print(f"Gate: {TEST} at alpha {args.alpha:g}; {args.sims} simulated gates per cell.")
+    rng = np.random.default_rng(args.seed)
+    gains = (0, 2, 5, 10)
+    print(f"{'gate episodes':>14}{'false accept':>14}" + "".join(f"{f'P(accept +{g})':>15}" for g in gains[1:])
+          + f"{'old rule':>10}")
+    for n in sorted(set(args.episodes) | {len(a)}):   # this run's own size too
+        draws = rng.choice(null, size=(args.sims, n))
+        rates = [float(np.mean(sign_flip_p(draws + g, flips=2000, seed=args.seed) <= args.alpha)) for g in gains]
+        old = float(np.mean(draws.mean(1) > 0))
+        print(f"{n:>14}{rates[0]:>14.3f}" + "".join(f"{r:>15.3f}" for r in rates[1:]) + f"{old:>10.3f}")
+    print("(old rule: accept whenever the candidate's mean is higher, its false-accept rate)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop's bookkeeping (scripts/loop1.sh) and its final report
+# ---------------------------------------------------------------------------------------------
+
+def seed_ranges(seeds):
+    """[100, 101, 102, 105] -> '100-102,105'."""
+    seeds, out = sorted(seeds), []
+    for _, group in itertools.groupby(enumerate(seeds), lambda p: p[1] - p[0]):
+        g = [s for _, s in group]
+        out.append(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]))
+    return ",".join(out)
+
+
+def seed_clash(gate, report):
+    """What is wrong with a loop's seeds, or None. Gate seeds share none with the report seeds (the
+    gate would select on the seeds it reports), and neither meets loop #2's training seeds (a
+    trained model would be judged on episodes it learned from)."""
+    if overlap := sorted(set(gate) & set(report)):
+        return (f"gate seeds and report seeds overlap ({seed_ranges(overlap)}): the gate would select "
+                "on the seeds it reports")
+    if trained := sorted(s for s in {*gate, *report} if s >= ev.TRAIN_SEEDS_START):
+        return (f"seeds {seed_ranges(trained)} are loop #2's training seeds ({ev.TRAIN_SEEDS_START} and up): "
+                f"gate and report seeds stay below {ev.TRAIN_SEEDS_START}")
+    return None
+
+
+def cmd_loop_state(args):
+    """Begin the log if new; check it belongs to this loop; print the state as shell assignments."""
+    log = Path(args.log)
+    try:
+        start = str(agent_mod.load_scaffold(args.start).path.resolve())
+        clash = seed_clash(ev.parse_seeds(args.gate_seeds), ev.parse_seeds(args.report_seeds))
+    except (agent_mod.ScaffoldError, ev.UsageError) as e:
+        return f"{e}"
+    if clash:
+        return clash
+    # the protocol the loop began with: a restart with other values would change it silently
+    protocol = {"scaffold": start, "gate_seeds": seed_ranges(ev.parse_seeds(args.gate_seeds)),
+                "report_seeds": seed_ranges(ev.parse_seeds(args.report_seeds)), "attempts": args.attempts,
+                **dict(kv.partition("=")[::2] for kv in args.setting)}
+    events = read_log(log)
+    if not events:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        append_event(log, {"event": "start", **protocol})
+        events = read_log(log)
+    began = next((e for e in events if e["event"] == "start"), {})
+    if changed := [k for k in {*protocol, *began} - {"event", "time"} if began.get(k) != protocol.get(k)]:
+        k = sorted(changed)[0]
+        return (f"{log} is a loop that began with {k}={began.get(k)}, not {protocol.get(k)}: rerun it with "
+                "the settings it began with, or use another RUNS folder")
+    state = loop_state(events, args.attempts)
+    print(f"best={shlex.quote(state['best'])}")
+    print(f"iteration={state['iteration']}")
+    print(f"attempt={state['attempt']}")
+    print(f"pending={shlex.quote(state['pending'] or '')}")
+    print("chain=(" + " ".join(shlex.quote(s) for s in state["chain"]) + ")")
+    return None
+
+
+def _cell(p):
+    return "-" if not p or p["mean"] is None else f"{p['mean']:.2f} ± {p['stderr']:.2f} ({p['n']})"
+
+
+def loop_alpha_line(events, alphas):
+    """The false-accept rate of the whole loop, not only of one attempt: a union bound over every
+    attempt it may make, beside what bench/gate_bench.py measures."""
+    began = next((e for e in events if e["event"] == "start"), {})
+    attempts = int(began.get("attempts") or 1)
+    iterations = int(began.get("iterations") or max((e.get("iteration") or 1 for e in events), default=1))
+    if not alphas:
+        return "No revision reached the gate."
+    a = max(alphas)
+    return (f"False accepts: at most {a:g} per attempt, {a * attempts:g} per iteration ({attempts} attempts), "
+            f"and over the loop's {iterations} iterations at most {min(1, a * attempts * iterations):g} chance "
+            "of keeping at least one revision that changes nothing (a union bound; bench/gate_bench.py "
+            "measures 0.11 of loops for 5 x 3 at 0.05 / 3 on 30 gate seeds).")
+
+
+def loop_report(log):
+    """report.md of a finished loop: every accepted version's gate numbers (the seeds it was
+    chosen on) beside its report numbers (seeds evaluated once, after the loop), with the model."""
+    log = Path(log)
+    folder, events = log.parent, read_log(log)
+    state = loop_state(events, attempts=1)
+    runs = []
+    for s in state["chain"]:
+        gate_run, report_run = folder / "gate" / Path(s).name, folder / "report" / Path(s).name
+        for run in (gate_run, report_run):
+            if problem := ev.not_a_run([run]) or unfinished(run):
+                raise ev.UsageError(problem)
+        runs.append((s, gate_run, report_run))
+    g0, r0 = settings(runs[0][1]), settings(runs[0][2])
+    if clash := seed_clash(g0["seeds"], r0["seeds"]):
+        raise ev.UsageError(clash)
+    gated = [e for e in events if e["event"] == "gated"]
+    accepted = {e["candidate"]: e for e in gated if e["accept"]}
+    alphas = sorted({e["alpha"] for e in gated})
+    lines = [f"# Loop #1: {g0['env']}, model {g0['model']}", "",
+             f"Gate seeds {seed_ranges(g0['seeds'])} ({len(planned_episodes(g0))} episodes per version): every "
+             f"decision was taken on them ({TEST}, alpha {', '.join(f'{a:g}' for a in alphas) or '-'} "
+             "per attempt), so their numbers are biased upward by selection.",
+             loop_alpha_line(events, alphas),
+             "Limitation: the meta-LLM read the gate runs' traces and was then gated on the same seeds "
+             "(adaptive selection; a revision can fit those seeds' worlds), so the gate's alpha is optimistic; "
+             "the report seeds were never shown to it.",
+             f"Report seeds {seed_ranges(r0['seeds'])} ({len(planned_episodes(r0))} episodes per version): "
+             "evaluated once, after the loop, for the accepted versions only. These are the numbers to report.",
+             f"Attempts: {sum(e['event'] in ('gated', 'invalid') for e in events)} "
+             f"({len(accepted)} accepted, {sum(not e['accept'] for e in gated)} rejected by the gate, "
+             f"{sum(e['event'] == 'invalid' for e in events)} not valid).", ""]
+    summaries = [(s, ev.summarize(g), ev.summarize(r)) for s, g, r in runs]
+    for env_name in summaries[0][1]["envs"]:
+        lines += [f"## {env_name} (progression %, mean ± s.e. (episodes), {g0['model']})", "",
+                  "| version | parent | gate seeds | gate: paired difference vs parent, p | report seeds |",
+                  "| --- | --- | --- | --- | --- |"]
+        for s, gs, rs in summaries:
+            e = accepted.get(s)
+            step = f"{e['mean_diff_pct']:+.2f} points, p = {e['p_value']:.4f}" if e else "-"
+            lines.append(f"| {Path(s).name} | {Path(e['parent']).name if e else '-'} | "
+                         f"{_cell(gs['envs'].get(env_name, {}).get('progression_pct'))} | {step} | "
+                         f"{_cell(rs['envs'].get(env_name, {}).get('progression_pct'))} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cmd_report(args):
+    try:
+        text = loop_report(args.log)
+    except (ev.UsageError, ValueError) as e:
+        return str(e)
+    Path(args.out).write_text(text)
+    print(text)
+    print(f"wrote {args.out}")
+    return None
 
 
 def main(argv=None):
@@ -480,25 +1149,71 @@ def main(argv=None):
     pp.add_argument("--run", required=True)
     pp.add_argument("--out", default=None, help="default: the next free scaffolds/vN")
     pp.add_argument("--meta-model", default=os.environ.get("META_MODEL", "gpt-5"))
-    pp.add_argument("--meta-base-url", default=os.environ.get("META_BASE_URL"))
-    pp.add_argument("--meta-backend", default="openai", choices=("openai", "claude-code"))
-    pp.add_argument("--feedback", default=None, help="a rejected candidate's run, for a continuation")
-    pp.add_argument("--attempts", type=int, default=3, help="validation attempts")
+    pp.add_argument("--meta-base-url", default=os.environ.get("META_BASE_URL"),
+                    help="OpenAI-compatible endpoint with tool calling (key: META_API_KEY)")
+    pp.add_argument("--log", default=None, help="the loop's log: its lineage and rejected attempts are "
+                                                "given to the meta-LLM, and with --iteration the outcome is appended")
+    pp.add_argument("--iteration", type=int, default=None)
+    pp.add_argument("--attempt", type=int, default=None)
+    pp.add_argument("--rounds", type=int, default=3, help="validation rounds: failures go back to the meta-LLM")
+    pp.add_argument("--allow-python", action="store_true",
+                    help="give the meta-LLM run_python (a subprocess, time limit, no credentials in its "
+                         "environment, but the user's file rights: opt in)")
     pp.add_argument("--max-tool-calls", type=int, default=200)
     pp.add_argument("--max-tokens", type=int, default=3_000_000)
+    pp.add_argument("--context-chars", type=int, default=400_000,
+                    help="older tool results are dropped to keep the conversation under this")
     pp.add_argument("--max-wall", type=float, default=3600, help="seconds")
-    pg = sub.add_parser("gate", help="accept a candidate run if progression improves")
+    pg = sub.add_parser("gate", help="accept a candidate run only if its paired improvement is significant")
     pg.add_argument("--base", required=True)
-    pg.add_argument("--candidate", required=True)
+    pg.add_argument("--candidate", default=None)
+    pg.add_argument("--alpha", type=float, default=0.05, help="level of the one-sided test")
     pg.add_argument("--out", default=None, help="decision JSON (default: <candidate>/gate.json)")
-    pg.add_argument("--bootstrap", type=int, default=10000)
+    pg.add_argument("--log", default=None, help="append the decision to this loop log (with --iteration)")
+    pg.add_argument("--iteration", type=int, default=None)
+    pg.add_argument("--attempt", type=int, default=None)
+    pg.add_argument("--power", action="store_true",
+                    help="simulate the gate from --base's own variance (and --candidate's pairing, if given)")
+    pg.add_argument("--episodes", type=lambda s: [int(x) for x in s.split(",")], default=[10, 20, 30, 50],
+                    help="gate sizes for --power, e.g. 10,20,30")
+    pg.add_argument("--sims", type=int, default=2000)
+    pg.add_argument("--seed", type=int, default=0)
     pn = sub.add_parser("next-version", help="print the next free scaffold version name")
     pn.add_argument("--dir", default=str(agent_mod.SCAFFOLDS))
+    pv = sub.add_parser("validate", help="load a scaffold and run the smoke episodes (run it without credentials)")
+    pv.add_argument("scaffold")
+    pv.add_argument("games", nargs="+", help="env:task pairs, e.g. crafter:default")
+    ps = sub.add_parser("loop-state", help="scripts/loop1.sh: begin or read the loop's log, print its state")
+    ps.add_argument("--log", required=True)
+    ps.add_argument("--start", required=True)
+    ps.add_argument("--attempts", type=int, required=True)
+    ps.add_argument("--gate-seeds", required=True)
+    ps.add_argument("--report-seeds", required=True)
+    ps.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                    help="another part of the loop's protocol (alpha, iterations, model, ...), checked on restart")
+    pr = sub.add_parser("report", help="the loop's report: gate and report numbers of each accepted version")
+    pr.add_argument("--log", required=True)
+    pr.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.command == "gate":
+        if not 0 < args.alpha < 1:
+            p.exit(2, "meta_scaffold.py: error: --alpha must be in (0, 1)\n")
+        if args.power:
+            return power(args)
+        if not args.candidate:
+            p.exit(2, "meta_scaffold.py: error: gate needs --candidate (or --power)\n")
         return gate(args)
+    if args.command == "validate":
+        problem = smoke(args.scaffold, [tuple(g.split(":", 1)) for g in args.games])
+        print(problem or f"{args.scaffold}: valid")
+        return 1 if problem else 0
     if args.command == "next-version":
         print(next_version(args.dir))
+        return 0
+    if args.command in ("loop-state", "report"):
+        problem = (cmd_loop_state if args.command == "loop-state" else cmd_report)(args)
+        if problem:
+            p.exit(2, f"meta_scaffold.py {args.command}: error: {problem}\n")
         return 0
     try:
         agent_mod.load_scaffold(args.scaffold)
@@ -508,9 +1223,11 @@ def main(argv=None):
         p.exit(2, f"meta_scaffold.py: error: {problem}\n")
     if args.out and Path(args.out).exists():
         p.exit(2, f"meta_scaffold.py: error: {args.out} exists already; choose another --out\n")
-    if args.meta_backend == "openai" and not args.meta_base_url:
+    if not args.meta_base_url:
         p.exit(2, "meta_scaffold.py: error: --meta-base-url (or META_BASE_URL) is needed: an "
-                  "OpenAI-compatible endpoint serving --meta-model\n")
+                  "OpenAI-compatible endpoint serving --meta-model with tool calling\n")
+    if (args.iteration is None) != (args.attempt is None) or (args.iteration is not None and not args.log):
+        p.exit(2, "meta_scaffold.py: error: --iteration and --attempt go together, with --log\n")
     return propose(args)
 
 

@@ -4,24 +4,36 @@ A scaffold is scaffold.json (data its policy reads: ops per routine, limits, fal
 memory files), prompts/*.txt (templates with {fields}), policy.py (the step, as plain Python
 against agent.py's episode API: README.md, "Writing a scaffold"), memory/ and CHANGES.md.
 policy.py is written by an LLM in loop #1, so it is checked before it runs (`check_policy`: a
-message names the file and line of the first problem) and runs with restricted builtins, an
-import allowlist and views of the allowed modules; its templates' fields are checked against
-its `ep.render` calls.
+message names the file and line of the first problem), by allowlists (modules and their members,
+builtins, attribute names) rather than by blocking names, and runs with its own builtins and
+read-only views of the allowed modules per episode, under a time budget (`run_policy`); its
+templates' fields are checked against its `ep.render` calls. It runs in the harness's process:
+the checker and the budget close the ways out that Python offers, not memory exhaustion, so
+loop #1 validates candidates in a subprocess without API keys (DESIGN.md).
 """
 import ast
 import builtins
+import collections
+import dataclasses
+import faulthandler
+import functools
 import hashlib
 import importlib
 import json
 import re
+import signal
+import sys
+import threading
 import types
-from dataclasses import dataclass
 from pathlib import Path
 
-from memory_fs import ALL_OPS, builtin_kind
+from memory_fs import ALL_OPS, builtin_kind, name_problem
 
 SCAFFOLDS = Path(__file__).resolve().parent
 MEMORY_LIMITS = ("search_cap", "max_result_chars", "max_file_bytes", "max_total_bytes", "max_files")
+# A step's budget, unless scaffold.json limits say otherwise: model turns per step, and seconds of
+# the policy's own code between two model calls (v0 needs at most 30 turns and milliseconds).
+STEP_LIMITS = {"step_turns": 50, "policy_seconds": 10}
 
 
 class ScaffoldError(ValueError):
@@ -29,43 +41,150 @@ class ScaffoldError(ValueError):
 
 
 class PolicyError(RuntimeError):
-    """A policy broke a harness rule while running (e.g. a write while the action is decided)."""
+    """A policy broke a harness rule or raised while running (e.g. a write while the action is
+    decided, a KeyError, a step over its budget): the episode fails."""
 
 
-ALLOWED_IMPORTS = ("re", "math", "json", "collections", "itertools", "functools", "statistics",
-                   "string", "textwrap", "heapq", "bisect", "difflib")
-# What a policy sees of each: public names that are not modules (imported modules leak others,
-# json.codecs.open, statistics.sys.modules['os']...), without string.Formatter (its get_field
-# walks attributes). `random` is left out on purpose: a policy's choices stay reproducible.
-MODULES = {name: types.SimpleNamespace(**{
-    k: v for k, v in vars(importlib.import_module(name)).items()
-    if not k.startswith("_") and not isinstance(v, types.ModuleType) and (name, k) != ("string", "Formatter")})
-    for name in ALLOWED_IMPORTS}
+class OverBudget(BaseException):
+    """Raised into policy code by the step timer. A BaseException, so a policy's `except
+    Exception` does not swallow it (policy.py may not write a bare `except:` or `finally`)."""
+
+
+def run_policy(path, seconds, fn, *args):
+    """fn(*args): policy code (its module, setup, a step up to its next model call) with at most
+    `seconds` of wall-clock time, its errors as PolicyError naming the line of `path`. The timer
+    is SIGALRM, which only the main thread can take: elsewhere policy code runs unbounded. A
+    signal is seen between bytecodes only, so code stuck inside one C call (sum(range(10**15)))
+    cannot be interrupted: after 2 * seconds + 1 s faulthandler ends the process, with the
+    traceback on stderr, rather than let the run hang."""
+    timed = threading.current_thread() is threading.main_thread()
+    armed = [timed]
+
+    def alarm(signum, frame):
+        if armed[0]:
+            raise OverBudget()
+    if timed:
+        previous = signal.signal(signal.SIGALRM, alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)   # then every 50 ms until disarmed
+        faulthandler.dump_traceback_later(2 * seconds + 1, exit=True, file=sys.__stderr__)
+    try:
+        try:
+            return fn(*args)
+        finally:
+            armed[0] = False   # first thing: an alarm that lands after this does nothing
+            if timed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous or signal.SIG_DFL)
+                faulthandler.cancel_dump_traceback_later()
+    except StopIteration:
+        raise
+    except OverBudget as e:
+        raise PolicyError(f"policy.py:{_policy_line(e, path)}: over budget: more than {seconds} s of the "
+                          "policy's own code without a model call (scaffold.json limits policy_seconds)") from None
+    except Exception as e:
+        why = str(e) if isinstance(e, PolicyError) else f"{type(e).__name__}: {e}"
+        raise PolicyError(f"policy.py:{_policy_line(e, path)}: {why}") from e
+
+
+# What a policy may use of each module it may import: functions and constants for text and
+# maths, by name. Left out on purpose: anything that takes attribute names as strings or evaluates
+# strings or annotations (functools.update_wrapper, wraps, singledispatch, partialmethod,
+# cached_property, total_ordering; string.Formatter and Template), classes a policy could patch
+# (json.JSONEncoder) or whose methods, called on any object, set attributes on it
+# (difflib.SequenceMatcher), namedtuple (it builds a class with exec), and modules. `random` is
+# not importable: a policy's choices stay reproducible.
+MODULE_MEMBERS = {name: tuple(members.split()) for name, members in {
+    "re": "compile search match fullmatch findall finditer sub subn split escape error "
+          "IGNORECASE I MULTILINE M DOTALL S VERBOSE X ASCII A",
+    "math": "ceil floor trunc fabs sqrt isqrt exp log log2 log10 pow fsum prod gcd lcm comb perm factorial "
+            "hypot dist copysign isclose isfinite isinf isnan sin cos tan asin acos atan atan2 degrees "
+            "radians inf nan pi e tau",
+    "json": "loads dumps JSONDecodeError",
+    "collections": "Counter deque defaultdict OrderedDict",
+    "itertools": "accumulate chain combinations combinations_with_replacement compress count cycle dropwhile "
+                 "filterfalse groupby islice pairwise permutations product repeat starmap takewhile tee zip_longest",
+    "functools": "partial reduce lru_cache cache cmp_to_key",
+    "statistics": "mean fmean geometric_mean harmonic_mean median median_low median_high median_grouped mode "
+                  "multimode pstdev pvariance stdev variance quantiles StatisticsError",
+    "string": "ascii_letters ascii_lowercase ascii_uppercase digits hexdigits octdigits punctuation printable "
+              "whitespace capwords",
+    "textwrap": "wrap fill shorten dedent indent",
+    "heapq": "heappush heappop heapify heapreplace heappushpop nlargest nsmallest merge",
+    "bisect": "bisect bisect_left bisect_right insort insort_left insort_right",
+    "difflib": "get_close_matches ndiff unified_diff",
+}.items()}
+ALLOWED_IMPORTS = tuple(MODULE_MEMBERS)
+_MEMBERS = {name: types.MappingProxyType({k: getattr(importlib.import_module(name), k) for k in members})
+            for name, members in MODULE_MEMBERS.items()}
+
+
+class ModuleView:
+    """What a policy sees of an allowed module: its listed members, read-only; one per episode."""
+    __slots__ = ("_name", "_members")
+
+    def __init__(self, name):
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_members", _MEMBERS[name])
+
+    def __getattr__(self, attr):
+        if attr in self._members:
+            return self._members[attr]
+        raise AttributeError(f"{self._name}.{attr} is not available to a policy")
+
+    def __setattr__(self, attr, value):
+        raise AttributeError(f"{self._name} is read-only to a policy")
+
+    def __delattr__(self, attr):
+        raise AttributeError(f"{self._name} is read-only to a policy")
+
+
+# Builtins a policy may use (nothing that runs, opens or inspects code, reaches types or
+# attributes by name, or prints); the harness adds an __import__ that hands out module views.
+SAFE_BUILTINS = tuple((
+    "abs all any bool chr dict divmod enumerate filter float frozenset int isinstance iter len list map "
+    "max min next ord pow range repr reversed round set slice sorted str sum tuple zip "
+    "Exception ArithmeticError AttributeError IndexError KeyError LookupError RuntimeError StopIteration "
+    "TypeError ValueError ZeroDivisionError").split())
+
+
+def policy_builtins(views):
+    """A policy's __builtins__, fresh per episode; `import x` gives `views[x]`."""
+    def policy_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level or name not in views:
+            raise ImportError(f"policy.py may import only {', '.join(ALLOWED_IMPORTS)}")
+        return views[name]
+    return {**{name: getattr(builtins, name) for name in SAFE_BUILTINS}, "__import__": policy_import}
+
+
+# Named in error messages: builtins a policy may not use (they are not in SAFE_BUILTINS either).
 BANNED_NAMES = {"open", "exec", "eval", "compile", "globals", "locals", "vars", "getattr", "setattr",
                 "delattr", "dir", "input", "breakpoint", "help", "exit", "quit", "memoryview", "type",
-                "object", "super", "classmethod", "staticmethod", "property", "print"}
-# attributes without an underscore that reach frames and code, and str.format (its fields walk
-# attributes: "{0.__init__.__globals__}"); a policy uses f-strings, which the check sees
-BANNED_ATTRS = {"gi_frame", "gi_code", "gi_yieldfrom", "cr_frame", "cr_code", "cr_await", "ag_frame",
-                "ag_code", "ag_await", "f_globals", "f_locals", "f_back", "f_builtins", "f_code",
-                "tb_frame", "tb_next", "mro", "format", "format_map", "vformat"}
-REFUSED_NODES = {ast.ClassDef: "class definitions (keep state in ep.state)",
-                 ast.AsyncFunctionDef: "async code", ast.Await: "async code", ast.AsyncFor: "async code",
-                 ast.AsyncWith: "async code"}
+                "object", "super", "classmethod", "staticmethod", "property", "print", "id", "hasattr"}
+REFUSED_NODES = {ast.ClassDef: "class definitions are not allowed (keep state in ep.state)",
+                 ast.AsyncFunctionDef: "async code is not allowed", ast.Await: "async code is not allowed",
+                 ast.AsyncFor: "async code is not allowed", ast.AsyncWith: "async code is not allowed",
+                 ast.AnnAssign: "annotations are not allowed"}
 
 
-def _policy_import(name, globals=None, locals=None, fromlist=(), level=0):
-    if level or name not in MODULES:
-        raise ImportError(f"policy.py may import only {', '.join(ALLOWED_IMPORTS)}")
-    return MODULES[name]
+@functools.cache
+def allowed_attributes():
+    """Every attribute a policy may use, by name: the episode API (agent.py), the members of the
+    allowed modules, and the public methods and fields of the types those and the builtins give
+    (str, containers, numbers, compiled patterns and matches, exceptions, partial and cached
+    functions). Not str.format / format_map (their fields walk attributes: "{0.__init__}") nor
+    AttributeError.obj (the object of an attribute error raised anywhere, harness code included)."""
+    import agent   # the episode API lives with the harness, which imports this module
 
-
-SAFE_BUILTINS = {name: getattr(builtins, name) for name in (
-    "abs all any bool chr dict divmod enumerate filter float frozenset hash int isinstance iter len "
-    "list map max min next ord pow range repr reversed round set slice sorted str sum tuple zip "
-    "Exception ArithmeticError AttributeError IndexError KeyError LookupError RuntimeError "
-    "StopIteration TypeError ValueError ZeroDivisionError").split()}
-SAFE_BUILTINS["__import__"] = _policy_import
+    samples = [str, int, float, list, dict, set, frozenset, tuple, range, slice, collections.Counter,
+               collections.deque, collections.defaultdict, collections.OrderedDict, re.compile(""),
+               re.match("", ""), StopIteration, AttributeError, json.JSONDecodeError("", "", 0), re.error(""),
+               functools.partial(int),
+               functools.lru_cache(int), functools.lru_cache(int).cache_info(),
+               agent.Episode, agent.Routine, agent.Turn, agent.Request, agent.Reply]
+    names = {n for s in samples for n in dir(s) if not n.startswith("_")}
+    names |= {f.name for s in (agent.Turn, agent.Request, agent.Reply) for f in dataclasses.fields(s)}
+    names |= {n for members in MODULE_MEMBERS.values() for n in members}
+    return frozenset(names - {"format", "format_map", "obj"})
 
 
 def _private(name):
@@ -74,46 +193,61 @@ def _private(name):
 
 def check_policy(tree):
     """(line, why) for every construct policy.py may not use. The rules close the ways out of the
-    sandbox: modules beyond the allowlist, names and attributes starting with `_` (dunders and
-    the harness's private fields), builtins that run, open or inspect things, frame and code
-    attributes, str.format, assignments to attributes other than `ep.fallback` (they could
-    patch shared classes), and templates named or filled in ways the loader cannot check."""
-    aliases, bad = {}, []
+    sandbox: modules and their members beyond the allowlists, names starting with `_` (dunders),
+    builtins that run, open or inspect things, attributes beyond the allowlist (frames, code,
+    str.format, the harness's private fields), any attribute assignment (it could patch a shared
+    class, or carry data between episodes), annotations (some functions evaluate them), classes,
+    `finally` and bare `except` (they could run policy code when the harness closes a step), and
+    templates named or filled in ways the loader cannot check."""
+    aliases = {a.asname or a.name: a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for a in node.names}
+    attributes, bad = allowed_attributes(), []
     for node in ast.walk(tree):
         line = getattr(node, "lineno", 0)
         if type(node) in REFUSED_NODES:
-            bad.append((line, f"{REFUSED_NODES[type(node)]} are not allowed"))
+            bad.append((line, REFUSED_NODES[type(node)]))
         elif isinstance(node, ast.Import):
-            for a in node.names:
-                if a.name not in ALLOWED_IMPORTS:
-                    bad.append((line, f"import of {a.name!r} is not allowed (allowed: {', '.join(ALLOWED_IMPORTS)})"))
-                aliases[a.asname or a.name] = a.name
+            bad += [(line, f"import of {a.name!r} is not allowed (allowed: {', '.join(ALLOWED_IMPORTS)})")
+                    for a in node.names if a.name not in ALLOWED_IMPORTS]
         elif isinstance(node, ast.ImportFrom):
             if node.level or node.module not in ALLOWED_IMPORTS:
                 bad.append((line, f"import from {node.module!r} is not allowed (allowed: {', '.join(ALLOWED_IMPORTS)})"))
             else:
                 bad += [(line, f"{node.module}.{a.name} is not available to a policy") for a in node.names
-                        if not hasattr(MODULES[node.module], a.name)]
+                        if a.name not in MODULE_MEMBERS[node.module]]
         elif isinstance(node, ast.Name) and (_private(node.id) or node.id in BANNED_NAMES):
             bad.append((line, f"the name {node.id!r} is not allowed"))
-        elif isinstance(node, (ast.FunctionDef, ast.arg, ast.alias)):
-            given = getattr(node, {ast.FunctionDef: "name", ast.arg: "arg", ast.alias: "asname"}[type(node)]) or ""
+        elif isinstance(node, (ast.FunctionDef, ast.Lambda)):
+            given = getattr(node, "name", "")
+            if _private(given):
+                bad.append((line, f"names starting with '_' are not allowed ({given!r})"))
+            if getattr(node, "returns", None) or any(a.annotation for a in _arguments(node.args)):
+                bad.append((line, "annotations are not allowed"))
+        elif isinstance(node, (ast.arg, ast.alias)):
+            given = node.arg if isinstance(node, ast.arg) else node.asname or ""
             if _private(given):
                 bad.append((line, f"names starting with '_' are not allowed ({given!r})"))
         elif isinstance(node, ast.Attribute):
-            if _private(node.attr) or node.attr in BANNED_ATTRS:
+            module = aliases.get(node.value.id) if isinstance(node.value, ast.Name) else None
+            if not isinstance(node.ctx, ast.Load):
+                bad.append((line, f"assigning or deleting .{node.attr} is not allowed (no attribute is: keep "
+                                  "data in ep.state; ep.set_fallback(action) sets the fallback)"))
+            elif module in MODULE_MEMBERS and node.attr not in MODULE_MEMBERS[module]:
+                bad.append((line, f"{module}.{node.attr} is not available to a policy"))
+            elif node.attr not in attributes:
                 bad.append((line, f"the attribute .{node.attr} is not allowed"))
-            elif not isinstance(node.ctx, ast.Load) and node.attr != "fallback":
-                bad.append((line, f"assigning .{node.attr} is not allowed (only ep.fallback; keep data in ep.state)"))
         elif isinstance(node, ast.MatchClass):
             bad += [(line, f"matching the attribute {a!r} is not allowed") for a in node.kwd_attrs
-                    if _private(a) or a in BANNED_ATTRS]
-    for node in ast.walk(tree):  # attributes of imported modules must exist in what the policy sees
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
-            module = aliases[node.value.id]
-            if module in MODULES and not hasattr(MODULES[module], node.attr):
-                bad.append((node.lineno, f"{module}.{node.attr} is not available to a policy"))
+                    if a not in attributes]
+        elif isinstance(node, (ast.Try, ast.TryStar)) and node.finalbody:
+            bad.append((line, "finally blocks are not allowed (they would run when the harness closes a step)"))
+        elif isinstance(node, ast.ExceptHandler) and node.type is None:
+            bad.append((line, "a bare except is not allowed (name what you catch: except ValueError)"))
     return bad
+
+
+def _arguments(args):
+    return [*args.posonlyargs, *args.args, *args.kwonlyargs, *filter(None, (args.vararg, args.kwarg))]
 
 
 def render_calls(tree):
@@ -151,7 +285,7 @@ def _listed(folders):
     return [folders] if isinstance(folders, str) else folders if isinstance(folders, list) else [None]
 
 
-@dataclass
+@dataclasses.dataclass
 class Scaffold:
     name: str
     path: Path
@@ -163,6 +297,10 @@ class Scaffold:
     @property
     def limits(self):
         return self.config["limits"]
+
+    def limit(self, key):
+        """A step limit (STEP_LIMITS): scaffold.json's, else the default."""
+        return self.limits.get(key, STEP_LIMITS[key])
 
     def ops(self, routine):
         return self.config["ops"][routine]
@@ -185,10 +323,15 @@ class Scaffold:
         return h.hexdigest()
 
     def module(self):
-        """policy.py executed in fresh globals (restricted builtins): one per episode."""
-        namespace = {"__builtins__": SAFE_BUILTINS, "__name__": "policy"}
-        exec(self.code, namespace)
+        """policy.py executed in fresh globals, builtins and module views: one per episode."""
+        views = {name: ModuleView(name) for name in ALLOWED_IMPORTS}
+        namespace = {"__builtins__": policy_builtins(views), "__name__": "policy"}
+        self.run(exec, self.code, namespace)
         return namespace
+
+    def run(self, fn, *args):
+        """fn(*args), policy code, under the step budget (run_policy)."""
+        return run_policy(self.path / "policy.py", self.limit("policy_seconds"), fn, *args)
 
     def render(self, name, fields):
         template = self.prompts.get(name)
@@ -227,13 +370,12 @@ def load_scaffold(name_or_path):
     def fail(part, why):
         raise ScaffoldError(f"scaffold {path.name}: {part}: {why}")
 
-    config = _read_config(path, fail)
     policy = path / "policy.py"
-    read = [policy, *(path / "prompts").glob("*.txt"),
-            *(p for folders in config["initial_files"].values() for f in _listed(folders) for p in (path / f).iterdir())]
+    read = [path / "scaffold.json", policy, path / "CHANGES.md", path / "prompts", *(path / "prompts").glob("*.txt")]
     link = next((p for p in read if p.is_symlink()), None)
     if link:
         fail(str(link.relative_to(path)), "a link: a scaffold's files are its own")
+    config = _read_config(path, fail)
     if not policy.is_file():
         fail("policy.py", "missing (a scaffold's step is code: def step(ep))")
     prompts = {p.stem: p.read_text() for p in sorted((path / "prompts").glob("*.txt"))}
@@ -260,8 +402,8 @@ def load_scaffold(name_or_path):
                         (path / "CHANGES.md").read_text() if (path / "CHANGES.md").exists() else "")
     try:
         module = scaffold.module()
-    except Exception as e:
-        fail(f"policy.py:{_policy_line(e, policy)}", f"{type(e).__name__}: {e}")
+    except PolicyError as e:
+        raise ScaffoldError(f"scaffold {path.name}: {e}") from None
     if not isinstance(module.get("step"), types.FunctionType):
         fail("policy.py", "defines no step(ep) function")
     if not isinstance(module.get("setup", _listed), types.FunctionType):
@@ -285,9 +427,35 @@ def _read_config(path, fail):
         if not isinstance(v, int) or v < 1:
             fail("scaffold.json limits", f"{key} must be a positive integer, got {v!r}")
     for env_name, folders in config["initial_files"].items():
-        if not all(isinstance(f, str) and (path / f).is_dir() for f in _listed(folders)):
-            fail("scaffold.json initial_files", f"{env_name}: a folder of the scaffold or a list of them, got {folders!r}")
+        for folder in _listed(folders):
+            why = _not_a_memory_folder(path, folder)
+            if why:
+                fail("scaffold.json initial_files", f"{env_name}: a folder of the scaffold or a list of them, "
+                                                    f"got {folders!r} ({why})")
+            for p in sorted((path / folder).iterdir()):
+                why = ("a link: a scaffold's files are its own" if p.is_symlink() else
+                       "not a file: a memory folder holds files only" if not p.is_file() else name_problem(p.name))
+                if why:
+                    fail(str(p.relative_to(path)), why)
     return config
+
+
+def _not_a_memory_folder(path, folder):
+    """Why `folder` (from scaffold.json) is not a folder inside the scaffold, or None: a relative
+    path with no '..' and no link along the way (a link or '..' could copy any file on disk into
+    memory and the prompts)."""
+    if not isinstance(folder, str) or not folder:
+        return "a folder is a path, relative to the scaffold"
+    if Path(folder).is_absolute() or ".." in Path(folder).parts:
+        return f"{folder} is not inside the scaffold"
+    at = path
+    for part in Path(folder).parts:
+        at = at / part
+        if at.is_symlink():
+            return f"{at.relative_to(path)} is a link"
+        if not at.is_dir():
+            return f"{at.relative_to(path)} is not a folder"
+    return None
 
 
 def _check_ops(config, declared, fail):

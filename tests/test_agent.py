@@ -185,8 +185,10 @@ def test_no_committed_action_is_invalid_and_told(tmp_path):
 
 
 def test_failing_server_degrades_to_fallback_and_goes_on(tmp_path):
+    """Until `max_failures` requests in a row have failed (then the episode ends unfinished:
+    tests/test_faults.py)."""
     with ScriptedServer(lambda body: 503) as server:
-        backend = OpenAIBackend(server.url, "m", max_retries=1, timeout=5)
+        backend = OpenAIBackend(server.url, "m", max_retries=1, timeout=5, backoff=0.01, max_failures=4)
         env = envs.make_env("crafter", seed=3)
         ag = make_agent("memory", env, load_scaffold("v0"), tmp_path / "mem")
         records, result = run_one(env, ag, backend, steps=2)
@@ -287,6 +289,8 @@ def test_v0_initial_files_per_game():
     symbols = s.initial_files("minihack")["nethack_symbols.txt"]
     for topic in ("TERRAIN", "ITEMS ON THE FLOOR", "MONSTER LETTERS", "pet"):
         assert topic in symbols, topic
+    # the file index shows line counts to the model: the authors' 33 and 65
+    assert (rules.count("\n"), symbols.count("\n")) == (33, 65)
 
 
 # ---------------------------------------------------------------- HF / tiny-random -------------
@@ -440,3 +444,67 @@ def test_plan_may_only_offer_read_ops(tmp_path):
     _edit(d, "policy.py", '"kind": "read"}', '"kind": "sometimes"}')
     with pytest.raises(ScaffoldError, match=r"policy.py OPS: 'NOTE_HERE': a scaffold op is OPS\['NAME'\]"):
         load_scaffold(d)
+# ---------------------------------------------------------------- GPU memory, on the arithmetic --
+# No GPU here: the plan that decides what fits is checked on Qwen2.5-32B's config numbers (no
+# download), the GPU split and the batching on their arithmetic, the rest on CPU.
+
+QWEN25_32B = dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                  num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False)
+H100 = 85_029_158_912          # bytes torch reports for an 80 GB H100
+GIB = 2 ** 30
+
+
+def test_gpu_memory_plan_for_qwen25_32b():
+    from transformers import Qwen2Config
+    config = Qwen2Config(**QWEN25_32B)
+    V, H, I, L, KV = 152064, 5120, 27648, 64, 8 * 128
+    layer = (H * H + H) + 2 * (H * KV + KV) + H * H + 3 * H * I + 2 * H   # q, k, v (biased), o; MLP; norms
+    assert agent.parameter_count(config) == 2 * V * H + L * layer + H == 32_763_876_352
+    per_token = agent.kv_bytes_per_token(config, 2)
+    assert per_token == 2 * 64 * 8 * 128 * 2 == 256 * 1024
+    # the round the issue describes: 16 prompts of 3.5k tokens, 1024 new tokens each
+    assert 16 * (3500 + 1024) * per_token / GIB == pytest.approx(17.7, abs=0.05)   # the batch's static cache
+    assert 16 * 3500 * per_token / GIB == pytest.approx(13.7, abs=0.05)            # every prefill cache at once
+    with pytest.raises(agent.DoesNotFit, match=r"^Qwen/Qwen2.5-32B-Instruct does not fit: 61.0 GiB of weights "
+                       r"\+ 26.5 GiB of KV cache for batches of 72,384 tokens > 71.3 GiB usable on 1 GPU\(s\) of 79 GiB"):
+        agent.memory_plan(config, 2, [H100], 16 * 4524, 1024, name="Qwen/Qwen2.5-32B-Instruct")
+    plan = agent.memory_plan(config, 2, [H100], None, 1024)      # the largest budget one card holds
+    assert plan["batch_tokens"] == int((0.9 * H100 - 2 * 32_763_876_352) / (1.5 * per_token)) == 27_970
+    assert [len(b) for b in agent.token_batches([3500] * 16, plan["batch_tokens"], 1024)] == [6, 6, 4]
+    assert agent.memory_plan(config, 2, [H100] * 4, 16 * 4524, 1024)["batch_tokens"] == 72_384  # 4 GPUs
+    with pytest.raises(agent.DoesNotFit, match="batches of 5,120 tokens > 57.6 GiB usable on 2 GPU"):
+        agent.memory_plan(config, 2, [32 * GIB] * 2, None, 1024)
+
+
+def test_each_process_gets_its_slice_of_the_gpus():
+    assert agent.process_gpus(8) == list(range(8))
+    assert agent.process_gpus(8, 1, 2) == [4, 5, 6, 7]          # 2 processes x 4 GPUs
+    assert agent.process_gpus(8, 3, 8) == [3]
+    assert agent.process_gpus(8, 1, 4, per_process=2) == [2, 3]
+    with pytest.raises(agent.DoesNotFit, match="process 1 of 2 on this machine wants GPUs 4-7 but only 6"):
+        agent.process_gpus(6, 1, 2, per_process=4)
+
+
+def test_token_batches_stay_within_the_budget():
+    lengths = [900, 100, 3000, 400, 120, 2000]
+    assert agent.token_batches(lengths, 4096, 100) == [[1, 4, 3, 0], [5], [2]]   # 4 x (900 + 100) = 4000
+    assert agent.token_batches(lengths, 10 ** 6, 100) == [[1, 4, 3, 0, 5, 2]]
+
+
+def test_token_budget_splits_a_round_and_changes_no_output():
+    hf = HFBackend("tiny-random", max_new_tokens=16, temperature=0)
+    sent, model_generate = [], hf.model.generate
+    hf.model.generate = lambda **kw: (sent.append(kw), model_generate(**kw))[1]
+    requests = [Request([{"role": "user", "content": text}]) for text in
+                ("go", "a longer prompt " * 12, "<|READ|>strategy.md<|END|> then?", "hello " * 40)]
+    whole = hf.generate(requests)
+    sizes, generate = [], hf._generate
+    hf._generate = lambda prompts, role: (sizes.append(len(prompts)), generate(prompts, role))[1]
+    lengths = sorted(r.prompt_tokens for r in whole)
+    hf.batch_tokens = 2 * (lengths[1] + 16)
+    split = hf.generate(requests)
+    assert sizes[0] == 2 and sum(sizes) == 4 and len(sizes) >= 3
+    assert [(r.text, r.completion_tokens, r.finish_reason) for r in split] == \
+           [(r.text, r.completion_tokens, r.finish_reason) for r in whole]
+    assert {r.finish_reason for r in whole} <= {"stop", "length"}
+    assert all(kw["disable_compile"] for kw in sent)     # no implicit torch.compile of decoding

@@ -419,8 +419,8 @@ def test_minihack_actions_and_default():
     assert steps <= 100 and info["progression"] == 0.0 and info["end_status"] == "truncated"
 
 
-def test_boxoban_levels_come_from_shared_folder():
-    levels = envs._boxoban_levels(str(ROOT.parent / "shared/data/boxoban-levels/hard"))
+def test_boxoban_levels_come_from_boxoban_levels(boxoban_levels):
+    levels = envs._boxoban_levels(str(boxoban_levels / "hard"))
     assert len(levels) == 3332
     for seed in (3, 11):
         env = make_env("minihack", "MiniHack-Boxoban-Hard-v0", seed=seed)
@@ -676,7 +676,9 @@ print(h.hexdigest())
     ("crafter", "default", 600), ("minihack", "MiniHack-Boxoban-Medium-v0", 150),
     ("minihack", "MiniHack-CorridorBattle-Dark-v0", 150), ("nle", "NetHackChallenge-v0", 400),
 ])
-def test_same_seed_same_episode_across_processes(env, task, steps):
+def test_same_seed_same_episode_across_processes(env, task, steps, request):
+    if "Boxoban" in task:
+        request.getfixturevalue("boxoban_levels")
     code = PLAY.format(root=str(ROOT), env=env, task=task, seed=42, steps=steps)
     digests = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               check=True).stdout.strip() for _ in range(2)]

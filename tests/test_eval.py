@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import agent as agent_mod
 import envs
 import eval as ev
 from agent import ScriptedServer
@@ -47,7 +48,7 @@ def run_eval(args, **kw):
                           text=True, env=env, **kw)
 
 
-def test_tiny_random_end_to_end(tmp_path):
+def test_tiny_random_end_to_end(tmp_path, boxoban_levels):
     out = tmp_path / "run"
     r = run_eval(["--env", "minihack", "--tasks", "MiniHack-Corridor-R3-v0", "MiniHack-Boxoban-Hard-v0",
                   "--episodes", "2", "--max-steps", "3", "--model", "tiny-random", "--out", str(out)])
@@ -98,9 +99,11 @@ def test_scripted_server_run_summary_and_behaviour(tmp_path):
     trace = ev.read_trace(tmp_path / "run/crafter/default/ep_5.jsonl")
     assert trace[1]["memory_diff"] == {"survival_log.txt": {"appended": ["step 1 seen"]}}
     # v0 sends no system message (as the authors' agent); test_scaffold_api checks that a
-    # scaffold's system prompt is stored once on real records
-    raw = [json.loads(x) for x in (tmp_path / "run/crafter/default/ep_5.jsonl").read_text().splitlines()]
-    assert raw == trace and not any("system" in r for r in raw)
+    # scaffold's system prompt is stored once on real records. v0's prompts hold the observation:
+    # on disk it is in each line once
+    raw = (tmp_path / "run/crafter/default/ep_5.jsonl").read_text().splitlines()
+    assert not any("system" in json.loads(line) for line in raw)
+    assert all(line.count(json.dumps(r["observation"])[1:-1]) == 1 for line, r in zip(raw, trace))
 
 
 def test_trace_round_trip_is_exact(tmp_path):
@@ -109,7 +112,7 @@ def test_trace_round_trip_is_exact(tmp_path):
     def turn(system, user):
         return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
                 "response": "ok"}
-    a, b = "You play Crafter. " * 40, "Another prompt."
+    a, b = "You play Crafter. " * 40, "Another prompt, long enough (64 characters or more) to be referred to when it repeats."
     records = [{"step": 0, "log": None, "plan": {"turns": [turn(a, "plan 0"), {"added": [], "response": "x"}]}},
                {"step": 1, "log": {"turns": [turn(a, "log 1")]}, "plan": {"turns": [turn(a, "plan 1")]}},
                {"step": 2, "log": {"turns": [turn(b, "log 2")]}, "plan": {"turns": [turn(a, "plan 2")]}},
@@ -122,7 +125,29 @@ def test_trace_round_trip_is_exact(tmp_path):
     assert records == before
     assert ev.read_trace(tmp_path / "t.jsonl") == before
     text = (tmp_path / "t.jsonl").read_text()
-    assert text.count("You play Crafter.") == 40 * 2 and text.count(b) == 1   # a: line 0, and in place on line 2
+    assert text.count("You play Crafter.") == 40 and text.count(b) == 1   # a on line 0, b on line 2
+
+
+def test_trace_refers_to_a_text_known_under_two_keys(tmp_path):
+    """An op result equal to an earlier observation: once the result is forgotten (next line), a
+    message repeating that text refers to the observation, and the round trip stays exact."""
+    obs = "You see: a long corridor going north with a door at its end, and nothing else around you."
+
+    def line(step, user, ops=(), added=None):
+        turns = [{"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": user}],
+                  "response": "r", "ops": list(ops)}]
+        if added:
+            turns.append({"added": [{"role": "user", "content": added}], "response": "q", "ops": []})
+        return {"step": step, "observation": f"{step}" * 70, "log": None, "plan": {"turns": turns}}
+    records = [{**line(0, "look " + obs), "observation": obs},
+               line(1, "read it", [{"op": "READ", "result": obs}], "[READ]\n" + obs),
+               line(2, "again " + obs)]
+    writer = ev.TraceWriter(tmp_path / "t.jsonl")
+    for r in records:
+        writer.write(r)
+    writer.close()
+    assert ev.read_trace(tmp_path / "t.jsonl") == records
+    assert (tmp_path / "t.jsonl").read_text().count("corridor") == 2   # the observation, the op's result
 
 
 def record(state, next_state, ops_log=(), ops_plan=(), prompt=10, valid=True):
@@ -260,6 +285,8 @@ def test_protocol_defaults_are_the_papers(tmp_path):
     (["--env", "crafter", "--seeds", "9-3"], "malformed seed list '9-3'"),
     (["--env", "crafter", "--agent", "cot", "--specialist", "adapters/x"], "needs --agent memory"),
     (["--env", "crafter", "--specialist", "no/such/adapter"], "no adapter folder there"),
+    (["--env", "crafter", "--shard", "2/2"], "malformed --shard '2/2'"),
+    (["--env", "crafter", "--max-failures", "0"], "--max-failures at least 1"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, message):
     r = run_eval(args)
@@ -357,20 +384,97 @@ def test_report_and_plot(tmp_path):
     assert r.returncode == 2 and "not a run folder" in r.stderr
 
 
-def test_episodes_split_across_processes(tmp_path):
-    """Two launched processes (torchrun; `accelerate launch` on GPUs) share the episodes and the
-    main one merges the summary."""
+def test_torchrun_ranks_share_episodes_of_very_different_lengths(tmp_path):
+    """Two launched processes (torchrun; `accelerate launch` on GPUs) take their shares from RANK
+    and WORLD_SIZE and make no process group: rank 0 ends its two episodes and exits while rank 1's
+    one episode is held back until then; the last to end summarizes."""
+    source = (ROOT / "eval.py").read_text()
+    assert not any(call in source for call in ("wait_for_everyone", "PartialState", "torch.distributed"))
+    slow = envs.make_env("crafter", seed=2).reset(seed=2)["long_term_context"]   # rank 1's first view
+    rank0 = [tmp_path / f"r/crafter/default/ep_{seed}.json" for seed in (1, 3)]
+
+    def model(body):   # the naive agent's history starts with the episode's first observation
+        deadline = time.time() + 120
+        while slow in body["messages"][1]["content"] and not all(map(Path.exists, rank0)) \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        return "<|ACTION|>Do<|END|>"
     torchrun = Path(sys.executable).with_name("torchrun")
-    with ScriptedServer(deterministic_model) as server:
+    with ScriptedServer(model) as server:
         r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29561",
-                            str(ROOT / "eval.py"), "--env", "crafter", "--seeds", "1-4", "--max-steps", "3",
-                            "--base-url", server.url, "--model", "scripted", "--out", str(tmp_path / "r")],
-                           capture_output=True, text=True, timeout=600)
-        plan_requests = sum(not b["messages"][0]["content"].startswith("MEMORY UPDATE") for b in server.requests)
+                            str(ROOT / "eval.py"), "--env", "crafter", "--agent", "naive", "--seeds", "1-3",
+                            "--max-steps", "6", "--base-url", server.url, "--model", "scripted",
+                            "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=600)
+        requests = len(server.requests)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert plan_requests == 4 * 3                       # each episode ran once, in one process
-    assert "2/2" in r.stderr                            # the main process ran half of them
+    assert requests == 3 * 6                            # each episode ran once, in one process
+    assert "2 of 3 episodes of" in r.stdout              # rank 0 ended first and did not wait
+    assert "wrote" in r.stdout                           # rank 1 wrote the summary
     summary = json.loads((tmp_path / "r/summary.json").read_text())
-    assert summary["envs"]["crafter"]["progression_pct"]["n"] == 4
-    for p in (tmp_path / "r").glob("crafter/default/ep_*.jsonl"):
-        assert len(ev.read_trace(p)) == 3
+    assert summary["envs"]["crafter"]["seeds"] == [1, 2, 3] and summary["unfinished"] == []
+
+
+def test_shards_share_a_run_folder_and_the_last_writes_the_summary(tmp_path):
+    out = tmp_path / "run"
+    with ScriptedServer(deterministic_model) as server:
+        common = ["--env", "crafter", "--seeds", "1-4", "--max-steps", "3", "--base-url", server.url,
+                  "--model", "scripted", "--out", str(out)]
+        first = run_eval([*common, "--shard", "1/2"])
+        assert first.returncode == 0, first.stderr[-2000:]
+        assert "2 of 4 episodes of" in first.stdout and not (out / "summary.json").exists()
+        assert sorted(p.name for p in out.glob("crafter/default/ep_*.json")) == ["ep_2.json", "ep_4.json"]
+        partial = run_eval(["summarize", str(out)])   # at any time: what has finished so far
+        assert partial.returncode == 0 and "2 episode(s) unfinished" in partial.stdout
+        assert json.loads((out / "summary.json").read_text())["unfinished"][0]["reason"] == \
+            "not run yet, or still running"
+        last = run_eval([*common, "--shard", "0/2"])
+        assert last.returncode == 0, last.stderr[-2000:]
+        plans = sum(not b["messages"][0]["content"].startswith("MEMORY UPDATE") for b in server.requests)
+    assert plans == 4 * 3 and "wrote" in last.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["envs"]["crafter"]["seeds"] == [1, 2, 3, 4] and summary["unfinished"] == []
+    again = run_eval(["summarize", str(out)])
+    assert again.returncode == 0 and json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_trace_stores_each_observation_and_op_result_once(tmp_path):
+    """Prompts repeat the observation, a turn's message the last turn's op results, a baseline's
+    history earlier observations and its last reply, every request BALROG's instruction: on disk
+    each is stored once, and read_trace gives back exactly the records. Replies carry their
+    finish reason."""
+    def model(body):
+        first, last = body["messages"][0]["content"], body["messages"][-1]["content"]
+        if first.startswith("MEMORY UPDATE"):
+            return "<|DONE|>" if "[READ" in last else "<|READ|>crafting_progress.txt<|END|>"
+        if kind == "memory":
+            if "[READ" not in last:
+                return "<|READ|>crafting_progress.txt<|END|><|READ|>map_notes.txt<|END|>"
+            return "I look around once more, think it over at length, and then I act. <|ACTION|>Do<|END|>"
+        return "I look around once more, think it over at length, and then I act.\nACTION: Do"   # BALROG
+    for kind in ("memory", "cot"):
+        with ScriptedServer(model) as server:
+            env = envs.make_env("crafter", seed=4)
+            ag = agent_mod.make_agent(kind, env, agent_mod.load_scaffold("v0"), tmp_path / f"mem_{kind}")
+            records = []
+            agent_mod.run_episodes([agent_mod.play(env, ag, 4, records.append, 5)],
+                                   agent_mod.OpenAIBackend(server.url, "scripted"))
+        records = json.loads(json.dumps(records))
+        path = tmp_path / f"{kind}.jsonl"
+        writer = ev.TraceWriter(path)
+        for r in records:
+            writer.write(r)
+        writer.close()
+        assert ev.read_trace(path) == records
+        assert ev.episode_stats(ev.iter_trace(path)) == ev.episode_stats(records)
+        raw = path.read_text()
+        texts = [r["observation"] for r in records]
+        texts += [t["response"] for r in records for _, ro in ev.routines(r) for t in ro["turns"]]
+        texts += [op["result"] for r in records for _, ro in ev.routines(r) for op in ev.routine_ops(ro)
+                  if isinstance(op["result"], str)]
+        for text in {t for t in texts if len(t) >= ev.REF_MIN_CHARS}:
+            assert raw.count(json.dumps(text, ensure_ascii=False)[1:-1]) == texts.count(text), text[:80]
+        if kind == "cot":   # BALROG's instruction opens every request
+            instruction = records[0]["plan"]["turns"][0]["messages"][0]["content"]
+            assert raw.count(json.dumps(instruction, ensure_ascii=False)[1:-1]) == 1
+        turns = [t for r in records for _, ro in ev.routines(r) for t in ro["turns"]]
+        assert {t["finish_reason"] for t in turns} == {"stop"} and len(turns) >= 5

@@ -55,6 +55,9 @@ def test_parser_malformed_ops_become_errors():
     ("<|ACTION|>`far east`<|END|>", ["far east"]),                       # backticks
     ("<ACTION>Do</ACTION>", ["Do"]),                                     # the authors' second form
     ("Thinking.\nACTION: Move North.", ["Move North"]),                  # their third form
+    ("**ACTION:** Move West", ["Move West"]),                            # markdown bold
+    ("ACTION: **Move West**", ["Move West"]),
+    ("<|ACTION|>**north**<|END|>", ["north"]),
     ("Format: <|ACTION|>action name<|END|>. So <|ACTION|>west<|END|>", ["action name", "west"]),
     ("<|ACTION|>" + "x" * 60 + "<|END|>", []),                           # prose, not an action name
 ])

@@ -1,8 +1,11 @@
 """Scaffolds are code: the test scaffold tests/scaffolds/kitchen_sink uses every capability of the
 episode API in real episodes (each asserted from the traces); the harness's rules hold whatever a
 policy does; hostile policies are refused when they are loaded, each case with its file and line."""
+import dataclasses
 import json
 import re
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -10,7 +13,7 @@ import pytest
 import envs
 import eval as ev
 import scaffolds
-from agent import (PolicyError, OpenAIBackend, Reply, ScaffoldError, ScriptedServer, load_scaffold,
+from agent import (PolicyError, OpenAIBackend, Reply, ScaffoldError, ScriptedServer, Unfinished, load_scaffold,
                    make_agent, play, run_episodes)
 
 KITCHEN_SINK = load_scaffold(ev.ROOT / "tests" / "scaffolds" / "kitchen_sink")
@@ -120,6 +123,24 @@ def test_a_conditional_plan_prompt(kitchen):
                for i, r in enumerate(records) if i != 2)
 
 
+def test_log_compares_with_the_observation_the_last_action_was_chosen_on(tmp_path):
+    """Harness defect #1 (review 9): ep.previous_observation is the observation the last action was
+    chosen on, not the current one. The test scaffold's LOG compares the two: the second bump into
+    the wall south changes nothing, the first bump (a message) and a move west do."""
+    def model(body):
+        first = next(m["content"] for m in body["messages"] if m["role"] == "user")
+        if not first.startswith("ROUTINE plan"):
+            return "<|DONE|>"
+        step = int(re.search(r"\(step (\d+)\)", first).group(1))
+        return "<|ACTION|>south<|END|>" if step < 2 else "<|ACTION|>west<|END|>"
+    records, _ = run_kitchen(tmp_path, CORRIDOR, steps=4, model=model)
+    told = [re.match(r"ROUTINE log \(step \d\)\. Your last action was (\w+); ([a-z ]+)\.",
+                     r["log"]["turns"][0]["messages"][1]["content"]).groups() for r in records[1:]]
+    assert [r["action"]["executed"] for r in records[:3]] == ["south", "south", "west"]
+    assert [records[i]["observation"] == records[i + 1]["observation"] for i in range(3)] == [False, True, False]
+    assert told == [("south", "the game changed"), ("south", "nothing changed"), ("west", "the game changed")]
+
+
 def test_the_system_prompt_is_traced_once(kitchen, tmp_path):
     records, _ = kitchen
     writer = ev.TraceWriter(tmp_path / "t.jsonl")
@@ -152,29 +173,32 @@ class Model:
         return [Reply(self.answer(r)) for r in requests]
 
 
-def mini(tmp_path, policy, ops=None, prompts=None, name="mini"):
+def mini(tmp_path, policy, ops=None, prompts=None, name="mini", limits=None, initial_files=None):
     """A scaffold folder holding scaffold.json, policy.py and prompts."""
     d = tmp_path / name
     (d / "prompts").mkdir(parents=True)
     (d / "scaffold.json").write_text(json.dumps({
         "ops": ops or {"plan": ["READ", "ACTION"], "log": ["APPEND", "DONE"]},
         "limits": {"search_cap": 10, "max_result_chars": 1000, "max_file_bytes": 1000, "max_total_bytes": 5000,
-                   "max_files": 8},
-        "fallback_action": {}, "initial_files": {}}))
+                   "max_files": 8, **(limits or {})},
+        "fallback_action": {}, "initial_files": initial_files or {}}))
     (d / "policy.py").write_text(textwrap.dedent(policy))
     for template, text in (prompts or {}).items():
         (d / "prompts" / f"{template}.txt").write_text(text)
     return d
 
 
-def play_mini(tmp_path, folder, answer="<|ACTION|>Noop<|END|>", steps=2, episodes=1, model=None):
+def play_mini(tmp_path, folder, answer="<|ACTION|>Noop<|END|>", steps=2, episodes=1, model=None, agents=None):
+    """Play a scaffold in `episodes` Crafter episodes; `agents`, a list, gets the agents as they are made."""
     scaffold = load_scaffold(folder)
-    records, agents, games = [[] for _ in range(episodes)], [], []
+    records, agents, games = [[] for _ in range(episodes)], [] if agents is None else agents, []
     for i in range(episodes):
         env = envs.make_env("crafter", seed=i)
         agents.append(make_agent("memory", env, scaffold, tmp_path / f"mem{i}"))
         games.append(play(env, agents[-1], i, records[i].append, steps))
-    run_episodes(games, Model(model or (lambda request: answer)), concurrency=episodes)
+    for result in run_episodes(games, Model(model or (lambda request: answer)), concurrency=episodes):
+        if isinstance(result, Unfinished):   # an episode's exception ends that episode only
+            raise result.error
     return records, agents
 
 
@@ -228,9 +252,9 @@ def test_replies_come_only_from_the_model(tmp_path):
             plan.say("act")
             asking = plan.ask()
             next(asking)
-            asking.send("<|ACTION|>Do<|END|>")
+            next(asking)      # resumes the ask with None, not the model's reply
         ''')
-    with pytest.raises(PolicyError, match="a turn's reply comes from the model, through the harness"):
+    with pytest.raises(PolicyError, match="policy.py:7: a turn's reply comes from the model, through the harness"):
         play_mini(tmp_path, d)
     d = mini(tmp_path, '''
         def step(ep):
@@ -267,15 +291,27 @@ def test_files_outside_the_memory_folder_are_refused_at_run_time(tmp_path):
     assert not (tmp_path / "escape.txt").exists()
 
 
-def test_allowed_modules_are_views_without_modules():
-    assert not hasattr(scaffolds.MODULES["json"], "codecs") and not hasattr(scaffolds.MODULES["statistics"], "sys")
-    assert not hasattr(scaffolds.MODULES["string"], "Formatter") and scaffolds.MODULES["re"].compile is re.compile
-    d = {"__builtins__": scaffolds.SAFE_BUILTINS}
-    exec("import json\nm = json\nleak = lambda: m.codecs", d)    # past the static check: still nothing there
-    with pytest.raises(AttributeError):
-        d["leak"]()
+def test_allowed_modules_are_read_only_views_of_listed_members_fresh_per_episode():
+    """Past the static check (exec'd directly), a module view holds only its listed members and
+    takes no attribute; each episode gets its own views and builtins."""
+    views = [{name: scaffolds.ModuleView(name) for name in scaffolds.ALLOWED_IMPORTS} for _ in range(2)]
+    namespaces = [{"__builtins__": scaffolds.policy_builtins(v)} for v in views]
+    for ns in namespaces:
+        exec("import json, functools, statistics\nbox = json\nre_compile = __import__('re').compile", ns)
+    assert namespaces[0]["box"] is not namespaces[1]["box"] and namespaces[0]["re_compile"] is re.compile
+    assert namespaces[0]["__builtins__"] is not namespaces[1]["__builtins__"]
+    for name in ("codecs", "JSONEncoder"):
+        with pytest.raises(AttributeError, match=f"json.{name} is not available to a policy"):
+            exec(f"box.{name}", namespaces[0])
+    for module, name in (("functools", "update_wrapper"), ("functools", "singledispatch"), ("statistics", "sys")):
+        with pytest.raises(AttributeError, match=f"{module}.{name} is not available"):
+            exec(f"{module}.{name}", namespaces[0])
+    with pytest.raises(AttributeError, match="json is read-only to a policy"):
+        exec("box.fallback = 1", namespaces[0])
     with pytest.raises(ImportError, match="policy.py may import only re, math"):
-        exec("import os", {"__builtins__": scaffolds.SAFE_BUILTINS})
+        exec("import os", namespaces[1])
+    for name in ("type", "object", "getattr", "setattr", "vars", "open", "exec", "eval", "__import__"):
+        assert name == "__import__" or name not in namespaces[0]["__builtins__"]
 
 
 HOSTILE = {
@@ -289,7 +325,7 @@ HOSTILE = {
                                "the attribute .__base__ is not allowed"),
     "api key via str.format": ("def step(ep):\n    return '{0.read.__globals__[os].environ}'.format(ep)\n", 2,
                                "the attribute .format is not allowed"),
-    "api key via __builtins__": ("def step(ep):\n    return __builtins__['__import__']('os').environ\n", 2,
+    "api key via __builtins__": ("def step(ep):\n    return __builtins__['__import__']('os')\n", 2,
                                  "the name '__builtins__' is not allowed"),
     # writing outside the memory folder
     "write via open": ("def step(ep):\n    open('../../outside.txt', 'w').write('x')\n", 2, "the name 'open' is not allowed"),
@@ -302,7 +338,7 @@ HOSTILE = {
     "patch progression via frames": ("def step(ep):\n    g = (x for x in [0])\n    env = g.gi_frame.f_back.f_locals['env']\n"
                                      "    env.progression = 1.0\n", 3, "the attribute .f_back is not allowed"),
     "patch a shared class": ("import json\n\ndef setup(ep):\n    json.JSONEncoder.encode = repr\n", 4,
-                             "assigning .encode is not allowed"),
+                             "assigning or deleting .encode is not allowed"),
     "patch via getattr": ("def setup(ep):\n    getattr(ep, 'write')\n", 2, "the name 'getattr' is not allowed"),
     # importing os, subprocess, socket
     "import os": ("import os\n", 1, "import of 'os' is not allowed"),
@@ -310,6 +346,36 @@ HOSTILE = {
     "import socket": ("import socket\n", 1, "import of 'socket' is not allowed"),
     "from os import system": ("from os import system\n", 1, "import from 'os' is not allowed"),
     "__import__ socket": ("def step(ep):\n    return __import__('socket')\n", 2, "the name '__import__' is not allowed"),
+    # the red team's routes (review12 items 3-4) and ours: functions that take attribute names as
+    # strings, objects that set attributes, attribute stores, attributes that reach further objects
+    "setattr via update_wrapper and a namedtuple": (
+        "import collections\nimport functools\nimport json\n\ndef step(ep):\n"
+        "    patch = collections.namedtuple('Patch', 'encode')(repr)\n"
+        "    functools.update_wrapper(json.JSONEncoder, patch, assigned=('encode',), updated=())\n",
+        6, "collections.namedtuple is not available to a policy"),
+    "wraps": ("from functools import wraps\n", 1, "functools.wraps is not available to a policy"),
+    "a module as a box shared by episodes": ("import json\n\ndef step(ep):\n    box = json\n    box.fallback = ep\n",
+                                             5, "assigning or deleting .fallback is not allowed"),
+    "ep.fallback assigned": ("def setup(ep):\n    ep.fallback = 'north'\n", 2,
+                             "assigning or deleting .fallback is not allowed (no attribute is: keep data in ep.state; "
+                             "ep.set_fallback(action) sets the fallback)"),
+    "SequenceMatcher sets attributes on what it is given": (
+        "import difflib\nimport statistics\n\ndef setup(ep):\n    difflib.SequenceMatcher.set_seq1(statistics.mean, ep)\n",
+        5, "difflib.SequenceMatcher is not available to a policy"),
+    "string.Formatter walks attributes": ("import string\n\ndef step(ep):\n    return string.Formatter().vformat('{0.read}', [ep], {})\n",
+                                          4, "string.Formatter is not available to a policy"),
+    "the object of an AttributeError": ("def step(ep):\n    try:\n        ep.group\n    except AttributeError as e:\n"
+                                        "        return e.obj\n", 5, "the attribute .obj is not allowed"),
+    "a matched attribute": ("def step(ep):\n    match ep:\n        case str(obj=x):\n            return x\n", 3,
+                            "matching the attribute 'obj' is not allowed"),
+    "ask driven by send": ("def step(ep):\n    asking = ep.routine('plan', ['ACTION']).ask()\n    next(asking)\n"
+                           "    asking.send(None)\n", 4, "the attribute .send is not allowed"),
+    "finally runs when a step is closed": ("def step(ep):\n    try:\n        return None\n    finally:\n        ep.write('x', 'y')\n",
+                                           2, "finally blocks are not allowed"),
+    "a bare except catches the harness's timer": ("def step(ep):\n    try:\n        return None\n    except:\n        pass\n",
+                                                  4, "a bare except is not allowed"),
+    "an annotated assignment": ("def step(ep):\n    x: 'int' = 1\n    return None\n", 2, "annotations are not allowed"),
+    "a return annotation": ("def step(ep) -> 'int':\n    return None\n", 1, "annotations are not allowed"),
 }
 
 
@@ -343,3 +409,250 @@ def test_the_readme_example_runs(tmp_path):
     records, _ = play_mini(tmp_path, d, answer=None, steps=2, model=lambda request: next(answers))
     assert [r["action"] for r in records[0]] == [{"raw": "Move West", "executed": "Move West", "valid": True}] * 2
     assert [len(r["plan"]["turns"]) for r in records[0]] == [2, 2] and records[0][0]["plan"]["ended"] == "action"
+
+
+# ---------------------------------------------------------------- the red team's cases ------------
+# A cold review (review12) escaped the first checker; each case is now refused at load, with its
+# file and line, or fails its own episode at run time.
+
+def test_update_wrapper_copying_a_harness_modules_globals_is_refused(tmp_path):
+    """Review 1: update_wrapper(updated=("__globals__",)) merged statistics' globals (sys, ...)
+    into the policy's at load time, with no dunder in the code: os, open, the API key."""
+    marker = tmp_path / "escaped.txt"
+    d = mini(tmp_path, f'''
+        import functools
+        import statistics
+
+
+        def holder():
+            return None
+
+
+        functools.update_wrapper(holder, statistics.mean, assigned=(), updated=("__globals__",))
+        sys.modules["builtins"].open({str(marker)!r}, "w").write("out of the sandbox")
+
+
+        def step(ep):
+            return None
+        ''')
+    with pytest.raises(ScaffoldError, match=r"^scaffold mini: policy.py:10: functools.update_wrapper is not available"):
+        load_scaffold(d)
+    assert not marker.exists()
+
+
+def test_annotations_are_refused(tmp_path):
+    """Review 2: singledispatch's register() evaluates string annotations, which the checker never
+    read: one reached os through object's subclasses at load time."""
+    marker = tmp_path / "escaped.txt"
+    payload = ("[c for c in ().__class__.__base__.__subclasses__() if c.__name__ == '_wrap_close'][0]"
+               f".__init__.__globals__['open']({str(marker)!r}, 65) and int")
+    d = mini(tmp_path, f'''
+        import functools
+
+
+        @functools.singledispatch
+        def f(x):
+            return 0
+
+
+        def g(x: {payload!r}):
+            return 1
+
+
+        f.register(g)
+
+
+        def step(ep):
+            return None
+        ''')
+    with pytest.raises(ScaffoldError, match=r"^scaffold mini: policy.py:5: functools.singledispatch is not available"):
+        load_scaffold(d)
+    assert not marker.exists()
+    d = mini(tmp_path, f"def step(ep, x: {payload!r} = 0):\n    return None\n", name="annotated")
+    with pytest.raises(ScaffoldError, match=r"^scaffold annotated: policy.py:1: annotations are not allowed"):
+        load_scaffold(d)
+
+
+def test_a_reply_is_traced_as_it_arrives_and_must_go_back_to_its_ask(tmp_path):
+    """Review 3 and 5: a policy driving ask() by hand acted on a reply it never gave back (the trace
+    kept no response), or changed the request after the trace recorded it. The model gets the
+    harness's own copy of the request, the reply is traced when it arrives, replies are frozen,
+    and a reply that does not go back to its ask fails the step."""
+    d = mini(tmp_path, '''
+        def step(ep):
+            plan = ep.routine("plan", ["READ"])
+            plan.say("which action?")
+            asking = plan.ask()
+            request = next(asking)
+            request.messages[0]["content"] = "a prompt the trace never shows"
+            reply = yield request
+            return reply.text
+        ''')
+    seen, agents = [], []
+    with pytest.raises(PolicyError, match=r"^step 0: a model reply never went back to its routine.ask\(\)"):
+        play_mini(tmp_path, d, model=lambda request: seen.append(request.messages) or "Do", agents=agents)
+    asked = [{"role": "user", "content": "which action?"}]
+    assert seen == [asked]
+    assert agents[0]._routines["plan"]._record["turns"] == [
+        {"messages": asked, "role": "base", "response": "Do", "prompt_tokens": 0, "completion_tokens": 0,
+         "latency_s": 0.0, "error": None}]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Reply("<|ACTION|>Do<|END|>").text = "the model never said this"
+
+
+@pytest.mark.parametrize("case", ["never sent", "two at once", "an earlier step's routine"])
+def test_every_request_goes_to_the_model_from_its_own_step(tmp_path, case):
+    source, why = {
+        "never sent": ('''
+            def step(ep):
+                plan = ep.routine("plan", ["ACTION"])
+                plan.say("act")
+                next(plan.ask())
+                return "Noop"
+            ''', r"^step 0: a routine.ask\(\) request never went to the model"),
+        "two at once": ('''
+            def step(ep):
+                first, second = ep.routine("first", ["READ"]), ep.routine("second", ["READ"])
+                first.say("one")
+                second.say("two")
+                next(first.ask())
+                next(second.ask())
+            ''', r"^policy.py:7: routine second: one model call at a time"),
+        "an earlier step's routine": ('''
+            def step(ep):
+                if ep.step == 0:
+                    ep.state["plan"] = ep.routine("plan", ["ACTION"])
+                    return "Noop"
+                ep.state["plan"].say("act again")
+                return (yield from ep.state["plan"].ask()).action
+            ''', r"^policy.py:6: routine plan.say: the routine belongs to an earlier step"),
+    }[case]
+    with pytest.raises(PolicyError, match=why):
+        play_mini(tmp_path, mini(tmp_path, source))
+
+
+def test_what_the_policy_is_given_is_its_own_copy(tmp_path):
+    """Observations, the previous action and ep.data are copies: changing them changes nothing the
+    harness (or the next step) reads."""
+    d = mini(tmp_path, '''
+        def step(ep):
+            if ep.step == 1:
+                ep.write("seen.txt", f"{ep.previous_observation['text'][:4]} {ep.data['limits']['max_files']} "
+                                     f"{ep.previous_action['executed']}")
+            ep.observation["text"] = "rewritten"
+            ep.data["limits"]["max_files"] = 99
+            if ep.previous_action:
+                ep.previous_action["executed"] = "rewritten"
+            return "Noop"
+        ''')
+    records, agents = play_mini(tmp_path, d, steps=2)
+    assert agents[0].fs.read("seen.txt") == f"{records[0][0]['observation'][:4]} 8 Noop\n"
+
+
+def test_a_policy_error_comes_out_of_its_own_episodes_generator(tmp_path):
+    """Review 6: a setup() error raised when the agent was made, before any episode ran, and a
+    step error ended every concurrent episode. Both now come out of the episode's generator, as
+    PolicyError naming the line of policy.py, for run_episodes to end that episode alone."""
+    d = mini(tmp_path, '''
+        def setup(ep):
+            ep.state["x"] = [1][5]
+
+
+        def step(ep):
+            return "Noop"
+        ''')
+    scaffold = load_scaffold(d)
+    env = envs.make_env("crafter", seed=0)
+    episode = play(env, make_agent("memory", env, scaffold, tmp_path / "mem"), 0)
+    with pytest.raises(PolicyError, match=r"^policy.py:3: IndexError: list index out of range$"):
+        next(episode)
+
+
+@pytest.mark.parametrize("case", ["a step that never asks", "a setup that never returns", "a model that never commits"])
+def test_a_step_over_its_budget_fails_with_a_one_line_reason(tmp_path, case):
+    """Review 6: `while True: pass` hung every episode. A step gets `policy_seconds` of the policy's
+    own code between model calls (caught or not) and `step_turns` model turns."""
+    source, why = {
+        "a step that never asks": ('''
+            def step(ep):
+                while True:
+                    try:
+                        while True:
+                            pass
+                    except Exception:
+                        pass
+            ''', r"^policy.py:\d: over budget: more than 1 s of the policy's own code without a model call"),
+        "a setup that never returns": ('''
+            def setup(ep):
+                while True:
+                    ep.state["n"] = ep.state.get("n", 0) + 1
+
+
+            def step(ep):
+                return None
+            ''', r"^policy.py:[34]: over budget: more than 1 s"),
+        "a model that never commits": ('''
+            def step(ep):
+                plan = ep.routine("plan", ["READ", "ACTION"])
+                plan.say("act")
+                while True:
+                    yield from plan.ask()
+                    plan.say("again")
+            ''', r"^step 0: over budget: more than 3 model turns \(scaffold.json limits step_turns\)$"),
+    }[case]
+    d = mini(tmp_path, source, limits={"policy_seconds": 1, "step_turns": 3})
+    with pytest.raises(PolicyError, match=why):
+        play_mini(tmp_path, d, answer="<|READ|>notes.txt<|END|>")
+
+
+def test_module_code_over_budget_is_refused_at_load(tmp_path):
+    d = mini(tmp_path, "while True:\n    pass\n\ndef step(ep):\n    return None\n", limits={"policy_seconds": 1})
+    with pytest.raises(ScaffoldError, match=r"^scaffold mini: policy.py:[12]: over budget: more than 1 s"):
+        load_scaffold(d)
+
+
+def test_initial_files_come_from_plain_folders_inside_the_scaffold(tmp_path):
+    """Review 8: initial_files named any folder on disk ('../x', an absolute path, a linked folder,
+    /proc/self) and its files went into memory and prompts; an absolute path through a link
+    raised a bare ValueError. Now each folder is a relative path inside the scaffold with no link
+    on the way, holding plain files with memory file names."""
+    secret = tmp_path / "secretdir"
+    secret.mkdir()
+    (secret / "creds.txt").write_text("OPENAI_API_KEY=sk-...")
+    (tmp_path / "linked").symlink_to(secret)
+    for i, (folder, why) in enumerate([("../secretdir", "../secretdir is not inside the scaffold"),
+                                       (str(secret), f"{secret} is not inside the scaffold"),
+                                       (str(tmp_path / "linked"), "is not inside the scaffold"),
+                                       ("/proc/self", "/proc/self is not inside the scaffold"),
+                                       ("memory/linked", "memory/linked is a link"),
+                                       ("memory/nowhere", "memory/nowhere is not a folder")]):
+        d = mini(tmp_path, "def step(ep):\n    return None\n", name=f"s{i}", initial_files={"crafter": [folder]})
+        (d / "memory").mkdir()
+        (d / "memory" / "linked").symlink_to(secret)
+        with pytest.raises(ScaffoldError, match=rf"^scaffold s{i}: scaffold.json initial_files: crafter: a folder of "
+                                                rf"the scaffold or a list of them, got .*\(.*{re.escape(why)}\)$"):
+            load_scaffold(d)
+    for i, (entry, why) in enumerate([(".hidden", "do not start with '.'"), ("notes.txt/", "not a file"),
+                                      ("creds.txt", "a link")]):
+        d = mini(tmp_path, "def step(ep):\n    return None\n", name=f"f{i}", initial_files={"crafter": "memory"})
+        (d / "memory").mkdir()
+        if entry == "creds.txt":
+            (d / "memory" / entry).symlink_to(secret / entry)
+        elif entry.endswith("/"):
+            (d / "memory" / entry).mkdir()
+        else:
+            (d / "memory" / entry).write_text("x")
+        with pytest.raises(ScaffoldError, match=rf"^scaffold f{i}: memory/{re.escape(entry.rstrip('/'))}: .*{why}"):
+            load_scaffold(d)
+
+
+def test_policy_code_stuck_in_one_c_call_ends_the_process_with_its_line(tmp_path):
+    """Found after the review: a signal is seen between bytecodes only, so sum(range(10**15))
+    cannot be interrupted and hung the run. The process now ends (exit 1) after 2 * policy_seconds
+    + 1 s, with a traceback naming the line of policy.py."""
+    d = mini(tmp_path, "def step(ep):\n    return sum(range(10 ** 15))\n", limits={"policy_seconds": 1})
+    code = (f"import envs\nfrom agent import load_scaffold, make_agent, play\nenv = envs.make_env('crafter', seed=0)\n"
+            f"next(play(env, make_agent('memory', env, load_scaffold({str(d)!r}), {str(tmp_path / 'mem')!r}), 0))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ev.ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith("Timeout (0:00:03)!")
+    assert f'File "{d / "policy.py"}", line 2 in step' in out.stderr

@@ -8,18 +8,19 @@ import re
 import pytest
 
 import envs
-from agent import OpenAIBackend, ScriptedServer, load_scaffold, make_agent, play, run_episodes
+from agent import OpenAIBackend, ScriptedServer, load_scaffold, make_agent, play, run_episodes, turn_messages
 
 V0 = load_scaffold("v0")
 POLICY = V0.module()    # v0's functions, for the pure ones (map analysis, repair)
 
 
-def episode(tmp_path, script, env_name, task=None, steps=2, seed=0):
+def episode(tmp_path, script, env_name, task=None, steps=2, seed=0, two_model=False):
     records = []
     with ScriptedServer(script) as server:
         env = envs.make_env(env_name, task, seed=seed)
-        ag = make_agent("memory", env, V0, tmp_path / "mem")
-        run_episodes([play(env, ag, seed, records.append, steps)], OpenAIBackend(server.url, "m", max_retries=0))
+        ag = make_agent("memory", env, V0, tmp_path / "mem", two_model=two_model)
+        backend = OpenAIBackend(server.url, "m", specialist="memory-lora" if two_model else None, max_retries=0)
+        run_episodes([play(env, ag, seed, records.append, steps)], backend)
     return [json.loads(json.dumps(r)) for r in records], ag
 
 
@@ -211,9 +212,25 @@ def test_only_exact_action_names_are_valid(tmp_path):
 
 @pytest.mark.parametrize("reply,expected", [
     ("Format: <|ACTION|>action name<|END|>. I go <|ACTION|>west<|END|>", "west"),   # a placeholder does not win
-    ("<|ACTION|>west", "west"), ("ACTION: `west`.", "west"),
+    ("<|ACTION|>west", "west"), ("ACTION: `west`.", "west"), ("**ACTION:** west", "west"),
+    ("<|ACTION|>kick d<|END|>\nACTION: north", "kick"),   # tags first, repaired, as the authors: not north
 ])
-def test_the_committed_action_is_the_first_the_game_accepts(tmp_path, reply, expected):
+def test_the_committed_action_is_the_first_the_game_accepts_once_repaired(tmp_path, reply, expected):
     records, _ = episode(tmp_path, lambda body: "<|DONE|>" if is_log(body) else reply,
                          "minihack", "MiniHack-Corridor-R3-v0", steps=1)
     assert records[0]["action"] == {"raw": expected, "executed": expected, "valid": True}
+
+
+def test_a_specialist_reply_without_ops_is_a_plain_hand_off(tmp_path):
+    """Two-model: the specialist stops using memory (its only op is one PLAN does not allow, which
+    the authors skipped): the base model gets the hand-off with no results, as the authors'."""
+    def script(body):
+        if body["model"] == "memory-lora":
+            return "<|DONE|>" if is_log(body) else "<|APPEND|>strategy.txt|go east<|END|>"
+        return "<|ACTION|>west<|END|>"
+    records, _ = episode(tmp_path, script, "minihack", "MiniHack-Corridor-R3-v0", steps=1, two_model=True)
+    turns = records[0]["plan"]["turns"]
+    assert [t["role"] for t in turns] == ["specialist", "base"] and records[0]["action"]["raw"] == "west"
+    assert turn_messages(turns, 1)[-2:] == [
+        {"role": "assistant", "content": "<|APPEND|>strategy.txt|go east<|END|>"},
+        {"role": "user", "content": V0.render("handoff", {"results": ""}).strip()}]

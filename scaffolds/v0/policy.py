@@ -3,7 +3,7 @@
 A step: the observation as the authors' agent read it (long-term context, a new line, short-term
 context; the evaluator's note first when the last output was not a valid action), the unchanged
 counter, the NetHack / MiniHack map analysis, LOG from the second step on (record what the last
-action did), PLAN (consult memory read-only, commit one action), the combined-action repair.
+action did), PLAN (consult memory read-only, commit one action, repaired).
 LOG and PLAN are fresh conversations each step; PLAN never sees LOG. CHANGES.md lists every
 difference from the authors' code and the quirks kept on purpose.
 """
@@ -33,7 +33,7 @@ def step(ep):
         yield from log(ep, obs, analysis)
     action = yield from plan(ep, obs, analysis)
     s["fell_back"] = action is None
-    s["returned"] = ep.fallback if action is None else repair(action)
+    s["returned"] = ep.fallback if action is None else action
     s["previous"] = obs
     return None if action is None else s["returned"]
 
@@ -112,7 +112,7 @@ def log(ep, obs, analysis):
 # ---------------------------------------------------------------- PLAN ---------------------
 
 def plan(ep, obs, analysis):
-    """The PLAN routine; returns the committed action, or None (the fallback runs). In two-model
+    """The PLAN routine; returns the committed action, repaired, or None (the fallback runs). In two-model
     mode the specialist consults first, then the base model continues the same conversation
     with the whole PLAN loop."""
     ops = ep.data["ops"]["plan"]
@@ -131,9 +131,9 @@ def plan(ep, obs, analysis):
         if turn.error:
             routine.end("backend_error")
             break
-        if turn.action is not None:   # this reply's reads ran too; their results are never shown
+        if turn.actions:   # this reply's reads ran too; their results are never shown
             routine.end("action")
-            action = turn.action
+            action = committed(ep, turn)
             break
         if not memory_ops(turn):
             routine.end("no_ops")
@@ -152,10 +152,12 @@ def consult(ep, routine):
         turn = yield from routine.ask("specialist")
         if turn.error:
             return
-        if turn.action is not None or not memory_ops(turn):
-            if turn.action is not None:
-                routine.rewrite_reply(strip_actions(turn.text))
+        if turn.actions:   # its reads ran: their results go with the hand-off
+            routine.rewrite_reply(strip_actions(turn.text))
             routine.say(ep.render("handoff", results=section(turn.results)).strip())
+            return
+        if not memory_ops(turn):   # a plain hand-off
+            routine.say(ep.render("handoff", results="").strip())
             return
         routine.say(ep.render("plan_continue", results=turn.results).strip())
 
@@ -163,6 +165,14 @@ def consult(ep, routine):
 def strip_actions(text):
     tags = r"<\|?\s*ACTION\s*\|?>.*?(?:<\|?\s*(?:/\s*ACTION|END)\s*\|?[>}]|$)"
     return re.sub(r"(?im)^[ \t*]*ACTION[ \t*]*:.*$", "", re.sub(tags, "", text, flags=re.I | re.S | re.M)).strip()
+
+
+def committed(ep, turn):
+    """The authors read a reply's actions in this order (tags, then `ACTION:` lines) and repaired
+    the one they took; here each is repaired and the first the game accepts wins, else the first
+    (so an echoed placeholder, "action name", does not win over a real action after it)."""
+    repaired = [repair(a) for a in turn.actions]
+    return next((a for a in repaired if ep.action_name(a) == a), repaired[0])
 
 
 def repair(action):

@@ -41,7 +41,7 @@ OPS = {"NOTE_HERE": {"handler": note_here, "arity": 1, "kind": "write"},
 def setup(ep):
     ep.state["visits"] = Counter()
     if "Boxoban" in ep.task:
-        ep.fallback = "south"
+        ep.set_fallback("south")
 
 
 def step(ep):

@@ -1,0 +1,255 @@
+"""Eval under failing servers: every fault kind retried, a context-length refusal survived, a dead
+server ending episodes unfinished (and --resume finishing them), a 30 % faulty server, an
+exception in one episode, and the endpoint check before any episode."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import agent
+import envs
+import eval as ev
+from agent import FAULTS, OpenAIBackend, Request, ScriptedServer, ServerDown, Unfinished
+from test_eval import deterministic_model
+
+ROOT = Path(ev.__file__).resolve().parent
+ASK = Request([{"role": "user", "content": "Your move?"}])
+# what the backend says when a fault outlasts its retries
+SAID = {"http_500": "InternalServerError: Error code: 500", "http_503": "InternalServerError: Error code: 503",
+        "http_429": "RateLimitError: Error code: 429", "drop": "APIConnectionError: Connection error.",
+        "not_json": "JSONDecodeError: Expecting value", "no_choices": "BadReply: the answer has no choices",
+        "no_usage": "BadReply: the answer has no usage", "stall": "APITimeoutError: Request timed out."}
+
+
+def faults_first(n, kind):
+    """A server script: `kind` for the first n requests, then a real answer."""
+    count = itertools.count()
+    return lambda body: kind if next(count) < n else "<|ACTION|>Do<|END|>"
+
+
+def fast_backend(url, **kw):
+    return OpenAIBackend(url, "scripted", **{"max_retries": 1, "backoff": 0.01, "timeout": 0.5, **kw})
+
+
+@pytest.mark.parametrize("kind", [k for k in FAULTS if k != "context_length"])
+def test_each_fault_kind_is_retried_and_counted(kind):
+    with ScriptedServer(faults_first(3, kind), stall=1.0) as server:
+        backend = fast_backend(server.url)
+        failed = backend.complete(ASK)          # two attempts, both faulty: the turn fails
+        assert failed.error.startswith(SAID[kind]) and failed.text == "" and failed.retries == 1
+        assert backend.failures == 1
+        ok = backend.complete(ASK)              # a fault, then the answer
+        assert (ok.text, ok.error, ok.retries, ok.finish_reason) == ("<|ACTION|>Do<|END|>", None, 1, "stop")
+        assert backend.failures == 0 and len(server.requests) == 4
+
+
+def test_context_length_refusal_and_client_errors_are_not_retried():
+    with ScriptedServer(lambda body: "context_length") as server:
+        backend = fast_backend(server.url, max_failures=1)
+        reply = backend.complete(ASK)           # the server is up: never ServerDown for this
+        assert reply.finish_reason == "context_length" and reply.retries == 0
+        assert "maximum context length" in reply.error and len(server.requests) == 1
+    with ScriptedServer(lambda body: 404) as server:
+        reply = fast_backend(server.url, max_failures=2).complete(ASK)
+        assert reply.error.startswith("NotFoundError") and len(server.requests) == 1
+
+
+def test_failed_requests_in_a_row_mean_the_server_is_down():
+    script = iter(["http_503", "ok", "http_503", "http_503", "http_503"])
+    with ScriptedServer(lambda body: next(script)) as server:
+        backend = fast_backend(server.url, max_retries=0, max_failures=2)
+        assert backend.complete(ASK).error and backend.complete(ASK).text == "ok"   # a success resets
+        assert backend.complete(ASK).error
+        with pytest.raises(ServerDown, match=r"down: 2 requests in a row failed .*503"):
+            backend.complete(ASK)
+        with pytest.raises(ServerDown):        # and so does every later failure
+            backend.complete(ASK)
+
+
+def test_a_step_survives_a_context_length_refusal(tmp_path):
+    """The PLAN turn refused as too long fails; the scaffold's fallback runs; the episode goes on."""
+    plans = itertools.count()
+
+    def script(body):
+        if body["messages"][0]["content"].startswith("MEMORY UPDATE"):
+            return "<|DONE|>"
+        return "context_length" if next(plans) == 1 else "<|ACTION|>Do<|END|>"   # step 1's PLAN
+    with ScriptedServer(script) as server:
+        env = envs.make_env("crafter", seed=3)
+        ag = agent.make_agent("memory", env, agent.load_scaffold("v0"), tmp_path / "mem")
+        records = []
+        result = agent.run_episodes([agent.play(env, ag, 3, records.append, 3)], fast_backend(server.url))[0]
+    assert result["steps"] == 3
+    assert [r["action"] for r in records] == [{"raw": "Do", "executed": "Do", "valid": True},
+                                              {"raw": None, "executed": "Noop", "valid": False},
+                                              {"raw": "Do", "executed": "Do", "valid": True}]
+    turn = records[1]["plan"]["turns"][0]
+    assert turn["finish_reason"] == "context_length" and records[1]["plan"]["ended"] == "backend_error"
+    c = ev.episode_stats(records)["counts"]
+    assert (c["requests"], c["context_length"], c["failed_requests"]) == (5, 1, 0)
+
+
+class CrashingEnv:
+    """A real game that raises at one step, as a game or a scaffold's code can."""
+
+    def __init__(self, env, at_step):
+        self.env, self.at_step, self.steps = env, at_step, 0
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def step(self, action):
+        self.steps += 1
+        if self.steps == self.at_step:
+            raise RuntimeError("the game crashed")
+        return self.env.step(action)
+
+
+def test_an_exception_ends_its_episode_only(tmp_path):
+    with ScriptedServer(deterministic_model) as server:
+        plays, ended = [], []
+        for seed in (1, 2, 3):
+            env = envs.make_env("crafter", seed=seed)
+            env = CrashingEnv(env, 2) if seed == 2 else env
+            ag = agent.make_agent("memory", env, agent.load_scaffold("v0"), tmp_path / f"m{seed}")
+            plays.append(agent.play(env, ag, seed, None, 4))
+        results = agent.run_episodes(plays, fast_backend(server.url), concurrency=3,
+                                     on_done=lambda i, r: ended.append(i))
+    assert [r["steps"] for r in (results[0], results[2])] == [4, 4] and sorted(ended) == [0, 1, 2]
+    assert isinstance(results[1], Unfinished) and results[1].reason == "RuntimeError: the game crashed"
+    assert "in step" in results[1].traceback and "raise RuntimeError" in results[1].traceback
+
+
+def test_eval_isolates_an_episode_that_raises(tmp_path, monkeypatch, capsys):
+    """In eval: the crashed episode keeps its trace, gets an error file and no result; the others
+    finish and are scored; the run exits 1 and names it."""
+    make_env = envs.make_env
+    monkeypatch.setattr(envs, "make_env", lambda name, task=None, seed=None, **kw:
+                        CrashingEnv(make_env(name, task, seed=seed, **kw), 3) if seed == 2
+                        else make_env(name, task, seed=seed, **kw))
+    out = tmp_path / "run"
+    with ScriptedServer(deterministic_model) as server:
+        rc = ev.main(["--env", "crafter", "--seeds", "1-3", "--max-steps", "4", "--base-url", server.url,
+                      "--model", "scripted", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "unfinished: crafter default 2: RuntimeError: the game crashed" in err
+    folder = out / "crafter/default"
+    assert sorted(p.name for p in folder.glob("ep_*.json")) == ["ep_1.json", "ep_3.json"]
+    assert len(ev.read_trace(folder / "ep_2.jsonl")) == 2       # the steps before the crash
+    error = (folder / "ep_2.error.txt").read_text()
+    assert error.startswith("RuntimeError: the game crashed\n") and "Traceback" in error
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["envs"]["crafter"]["progression_pct"]["n"] == 2
+    assert summary["unfinished"] == [{"env": "crafter", "task": "default", "seed": 2,
+                                      "reason": "RuntimeError: the game crashed"}]
+    assert "1 episode(s) unfinished" in (out / "report.md").read_text()
+
+
+def run_eval(args, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"), **kw)
+
+
+FAST = ["--retries", "1", "--backoff", "0.05", "--timeout", "2", "--max-failures", "3"]
+
+
+def test_dead_server_leaves_the_episode_unfinished_and_resume_finishes_it(tmp_path):
+    out = tmp_path / "run"
+    server = ScriptedServer(deterministic_model, delay=0.02).__enter__()
+    port = server.httpd.server_address[1]
+    common = ["--env", "crafter", "--seeds", "1-2", "--max-steps", "30", "--concurrency", "1",
+              "--base-url", server.url, "--model", "scripted", "--out", str(out), *FAST]
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), *common], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    folder = out / "crafter/default"
+    while not (folder / "ep_1.json").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    server.__exit__(None, None, None)          # the server dies with episode 2 under way
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and time.time() - t0 < 120
+    assert (folder / "ep_1.json").exists() and not (folder / "ep_2.json").exists()
+    reason = (folder / "ep_2.error.txt").read_text().splitlines()[0]
+    assert reason.startswith(f"ServerDown: server {server.url} down: 3 requests in a row failed")
+    assert f"unfinished: crafter default 2: {reason}" in err
+    for line in (folder / "ep_2.jsonl").read_text().splitlines():
+        json.loads(line)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["envs"]["crafter"]["progression_pct"]["n"] == 1 and summary["unfinished"][0]["seed"] == 2
+    first = {p: p.read_bytes() for p in folder.rglob("*")
+             if p.is_file() and (p.name.startswith("ep_1.") or "memory_1" in p.parts)}
+    assert len(first) >= 3
+
+    with ScriptedServer(deterministic_model, port=port):   # the server is back at its address
+        resumed = run_eval([*common, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (folder / "ep_2.json").exists() and not (folder / "ep_2.error.txt").exists()
+    assert {p: p.read_bytes() for p in first} == first      # episode 1's files untouched
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["envs"]["crafter"]["progression_pct"]["n"] == 2 and summary["unfinished"] == []
+
+
+def test_thirty_percent_faults_of_every_kind(tmp_path):
+    """3 requests in 10 fail, in turn every kind of fault; retries absorb them, a context-length
+    refusal is a failed turn; the run finishes, exits 0, and every trace line parses."""
+    count, lock, served = itertools.count(), threading.Lock(), []
+    kinds = itertools.cycle(FAULTS)
+
+    def flaky(body):
+        with lock:
+            n = next(count)
+            fault = next(kinds) if n % 10 < 3 else None
+        if fault:
+            served.append(fault)
+            return fault
+        return deterministic_model(body)
+    out = tmp_path / "run"
+    with ScriptedServer(flaky, stall=1.0) as server:
+        r = run_eval(["--env", "crafter", "--seeds", "1-2", "--max-steps", "8", "--base-url", server.url,
+                      "--model", "scripted", "--out", str(out), "--concurrency", "1", "--retries", "3",
+                      "--backoff", "0.01", "--timeout", "0.5"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert set(served) == set(FAULTS)
+    for trace in out.glob("crafter/default/ep_*.jsonl"):
+        assert len([json.loads(line) for line in trace.read_text().splitlines()]) == 8
+    b = json.loads((out / "summary.json").read_text())["backend"]
+    refused = served.count("context_length")
+    assert b["context_length"] == refused >= 1 and b["failed"] == 0
+    assert b["retries"] == len(served) - refused and b["error_rate"] == pytest.approx(refused / b["requests"])
+    assert "Backend:" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("server_kw,args,message", [
+    ({}, ["--model", "qwen"], "does not serve qwen (it serves: scripted); check --model and --specialist"),
+    ({"models": ("base", "memory")}, ["--model", "base", "--specialist", "memroy"], "does not serve memroy"),
+    # transformers serve cannot list a model loaded from a path: each name is asked for a token
+    ({"models": ("/models/q",), "strict": True, "list_status": 500}, ["--model", "/models/qq"],
+     "does not serve /models/qq (it serves: nothing it will list)"),
+])
+def test_endpoint_check_stops_before_any_episode(tmp_path, server_kw, args, message):
+    with ScriptedServer(lambda body: "<|ACTION|>Do<|END|>", **server_kw) as server:
+        r = run_eval(["--env", "crafter", "--seeds", "1", "--max-steps", "2", "--base-url", server.url,
+                      *args, "--out", str(tmp_path / "run")])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_endpoint_check_probes_a_server_that_cannot_list(tmp_path):
+    def model(body):
+        return "OK" if body["max_tokens"] == 1 else deterministic_model(body)
+    with ScriptedServer(model, models=("/models/q",), strict=True, list_status=500) as server:
+        r = run_eval(["--env", "crafter", "--seeds", "1", "--max-steps", "2", "--base-url", server.url,
+                      "--model", "/models/q", "--out", str(tmp_path / "run")])
+        probes = [b for b in server.requests if b.get("max_tokens") == 1]
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(probes) == 1
+    r = run_eval(["--env", "crafter", "--base-url", "http://127.0.0.1:9/v1", "--model", "m",
+                  "--out", str(tmp_path / "r2")])
+    assert r.returncode == 2 and "cannot reach http://127.0.0.1:9/v1" in r.stderr.strip().splitlines()[-1]
