@@ -100,7 +100,7 @@ def main(argv=None):
     train_seeds = cs.training_seeds(TRAIN_EPISODES)
     held_out = cs.training_seeds(HELD_OUT_EPISODES, skip=TRAIN_EPISODES)
     t_start, times = time.time(), {}
-    with ScriptedServer(expert) as server:
+    with ScriptedServer(expert, models=("expert",)) as server:
         times["expert plays"] = play(out / "expert", train_seeds, TRAIN_STEPS, "expert", "--base-url", server.url)
     times["curation"] = run(ROOT / "curate_sft.py", "--run", out / "expert", "--scaffold", SCAFFOLD,
                             "--out", out / "sft", "--judge", "heuristic", "--min-examples", "1")

@@ -545,10 +545,12 @@ def test_loop2_two_iterations_with_a_scripted_meta_llm(tmp_path, scripted_run):
                                          for i in re.findall(r"### candidate (\w+) ", text)]})
 
     def game(body):
-        if "lora_name" in body:      # vLLM's runtime adapter loading
+        if "lora_name" in body:      # vLLM's runtime adapter loading: the server lists it from now on
+            game_server.models.append(body["lora_name"])
             return "loaded"
         return deterministic_model(body)
-    with ScriptedServer(meta) as meta_server, ScriptedServer(game) as game_server:
+    game_server = ScriptedServer(game, models=["tiny-random"])
+    with ScriptedServer(meta) as meta_server, game_server:
         env = dict(os.environ, ENV_NAME="crafter", VAL_SEEDS="5-6", REPORT_SEEDS="42", MAX_STEPS="2",
                    ITERATIONS="2", MODEL="tiny-random", DATA_RUNS=str(scripted_run), BASE_URL=game_server.url,
                    META_BASE_URL=meta_server.url, META_MODEL="meta", PYTHON=sys.executable, CONCURRENCY="2",
