@@ -151,7 +151,7 @@ def test_a_broken_op_handler_fails_validation_and_is_fed_back(tmp_path, base_run
 HOSTILE = [  # what a policy tries, what the checker says
     ("import os\nKEY = os.environ.get('OPENAI_API_KEY')\n", "policy.py:1: import of 'os' is not allowed"),
     ("def setup(ep):\n    open('/tmp/automem_escape.txt', 'w').write('x')\n", "policy.py:2: the name 'open' is not allowed"),
-    ("def setup(ep):\n    ep._agent._env.progression = 1.0\n", "policy.py:2: assigning .progression is not allowed"),
+    ("def setup(ep):\n    ep._agent._env.progression = 1.0\n", "policy.py:2: assigning or deleting .progression is not allowed"),
 ]
 
 

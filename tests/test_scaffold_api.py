@@ -495,7 +495,7 @@ def test_a_reply_is_traced_as_it_arrives_and_must_go_back_to_its_ask(tmp_path):
     assert seen == [asked]
     assert agents[0]._routines["plan"]._record["turns"] == [
         {"messages": asked, "role": "base", "response": "Do", "prompt_tokens": 0, "completion_tokens": 0,
-         "latency_s": 0.0, "error": None}]
+         "latency_s": 0.0, "error": None, "finish_reason": None}]
     with pytest.raises(dataclasses.FrozenInstanceError):
         Reply("<|ACTION|>Do<|END|>").text = "the model never said this"
 
