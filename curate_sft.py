@@ -3,8 +3,9 @@ a LoRA memory specialist; decide each iteration's data and LoRA configs from the
 
     python curate_sft.py --run runs/crafter_train --scaffold v3 --out sft/crafter_v3
         [--meta-model NAME --meta-base-url URL | --judge heuristic] [--min-examples 300]
-        [--top-pct 100] [--allow-report-seeds]
+        [--top-pct 100] [--report-seeds 42-51] [--allow-report-seeds]
     python curate_sft.py seeds --n 100 [--skip 0]        # the authors' training-seed draw
+    python curate_sft.py check-seeds --env crafter --train S --val S [--report S] [--run R ...]
     python curate_sft.py iterate --run R --ledger sft/ledger.jsonl --out sft/iter2 [...]
     python curate_sft.py record --ledger L --sft sft/iter2 --recipe sft/iter2/recipe_1.json \\
         --adapter adapters/iter2_recipe_1 --run runs/val_iter2_recipe_1 [--baseline runs/val_base]
@@ -14,18 +15,21 @@ Curation. Candidates are every LOG routine and every PLAN consultation in the tr
 messages the model saw and wrote. Each goes through the paper's six deterministic transforms; a
 judge (the meta-LLM, shown whole examples, or the documented heuristic) keeps or drops the
 survivors with a reason; the validity checks run on every kept item (a violation stops the
-command). Runs holding episodes on the report seeds are refused: a specialist trained on them
-would be scored on its own training worlds. Outputs in --out: train.jsonl,
-review_decisions.jsonl, selection_stats.json, selection_logic.md, recipe.json (the authors' prior).
+command). Runs holding episodes on the report seeds (the paper's, or --report-seeds) are refused:
+a specialist trained on them would be scored on its own training worlds. `check-seeds` refuses
+overlapping training / validation / report seeds and runs holding validation or report episodes.
+Outputs in --out: train.jsonl, review_decisions.jsonl, selection_stats.json, selection_logic.md,
+recipe.json (the authors' prior).
 
 Iterations (the authors' training engine). `iterate` reads the ledger (per trained config: the
 recipe, the data, the loss curve, progression per task on validation seeds) and decides jointly:
 reuse the last data or regenerate it with new size knobs, and one or two LoRA configs
-(recipe_1.json, recipe_2.json). The meta-LLM decides; without one, iteration k keeps the top
-100/2^(k-1) % of the judged examples with the authors' prior, so each iteration tests stricter data.
+(recipe_1.json, recipe_2.json). The meta-LLM decides; without one, a two-iteration schedule does
+(heuristic_decision: the authors' prior, then its learning rate halved and doubled).
 """
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -45,12 +49,14 @@ TARGETS = ("ALL", "ATTN", "QV", "MLP")
 RECIPE_KEYS = ("rank", "alpha", "dropout", "lr", "epochs", "batch", "grad_accum", "cutoff",
                "scheduler", "warmup", "target")
 INT_KEYS = ("rank", "alpha", "epochs", "batch", "grad_accum", "cutoff")
-# The authors' priors, RANK:ALPHA:DROPOUT:LR:EPOCHS:BATCH:GRAD_ACCUM:CUTOFF:SCHED:WARMUP:TARGET
-PRIORS = {"crafter": "256:512:0.0:5e-5:4:2:8:16384:cosine:0.05:ATTN",
-          "minihack": "128:256:0.0:5e-5:3:2:4:16384:cosine:0.05:ALL",
-          "nle": "256:512:0.0:5e-5:1:2:8:16384:cosine:0.05:ALL"}
+# The authors' priors, RANK:ALPHA:DROPOUT:LR:EPOCHS:BATCH:GRAD_ACCUM:CUTOFF:SCHED:WARMUP:TARGET.
+# Here batch x grad_accum is the global batch at any GPU count (train_lora.py); the authors' b x ga
+# was per GPU, on 2 GPUs (crafter 2 x 8 x 2 = 32 examples per step), so GRAD_ACCUM is their ga x 2.
+PRIORS = {"crafter": "256:512:0.0:5e-5:4:2:16:16384:cosine:0.05:ATTN",
+          "minihack": "128:256:0.0:5e-5:3:2:8:16384:cosine:0.05:ALL",
+          "nle": "256:512:0.0:5e-5:1:2:16:16384:cosine:0.05:ALL"}
 DATA_MINIMUM = {"crafter": 600, "minihack": 300, "nle": 800}
-SEED_RANGE = (1000, 99999)      # the authors' training seeds: random.seed(999), randint over this range
+SEED_RANGE = (ev.TRAIN_SEEDS_START, 99999)   # the authors' training seeds: random.seed(999), randint(1000, 99999)
 ACTION_ONLY_CHARS = 200         # transform 3: a PLAN item with no memory op and less text is dropped
 JUDGE_BATCH_CHARS = 120_000     # whole examples per meta-LLM judge call, about 30k tokens
 PRINCIPLES = """Selection principles (keep a turn only if it is a good example to imitate):
@@ -113,15 +119,29 @@ def training_seeds(n, skip=0):
     return seeds[skip:]
 
 
-def report_seed_problem(runs):
-    """A one-line refusal when a run holds finished episodes on report seeds; None otherwise."""
+def listed(items, most=6):
+    return ", ".join(map(str, items[:most])) + (", ..." if len(items) > most else "")
+
+
+def held_out_problem(runs, held):
+    """A one-line refusal when a run holds finished episodes on held-out seeds (`held`: name ->
+    seeds, None for the paper's report seeds of each game); None otherwise."""
     for run in runs:
-        hits = sorted({(e, s) for e, _, s in ev.finished_episodes(run) if s in report_seeds(e)})
-        if hits:
-            shown = ", ".join(f"{e} {s}" for e, s in hits[:6]) + (", ..." if len(hits) > 6 else "")
-            return (f"{run} holds episodes on report seeds ({shown}): a specialist trained on them is "
-                    "scored on its own training worlds; collect on training seeds (curate_sft.py seeds) "
-                    "or pass --allow-report-seeds")
+        for name, seeds in held.items():
+            hits = sorted({(e, s) for e, _, s in ev.finished_episodes(run)
+                           if s in (report_seeds(e) if seeds is None else seeds)})
+            if hits:
+                return (f"{run} holds episodes on {name} seeds ({listed([f'{e} {s}' for e, s in hits])}): "
+                        "a specialist trained on them is scored on its own training worlds; collect on "
+                        "training seeds (curate_sft.py seeds)")
+    return None
+
+
+def overlap_problem(named):
+    """A one-line refusal when two of the seed sets in `named` (name -> seeds) share seeds; None otherwise."""
+    for a, b in itertools.combinations(named, 2):
+        if common := sorted(set(named[a]) & set(named[b])):
+            return f"the {a} and {b} seeds overlap ({listed(common)})"
     return None
 
 
@@ -195,7 +215,7 @@ def candidates(run):
                     "reward_after": sum(x["reward"] for x in records[t:t + FOLLOW_STEPS]),
                     "episode_progression": final,
                 }
-                meta = {"run": run.name, "env": env_name, "task": task, "seed": seed, "step": r["step"],
+                meta = {"run": str(run), "env": env_name, "task": task, "seed": seed, "step": r["step"],
                         "phase": phase, "turns": len(turns), "role": turns[0].get("role", "base")}
                 cid = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
                 out.append({"id": cid, "meta": meta, "features": features, "messages": routine_messages(turns),
@@ -543,12 +563,27 @@ def overall(row):
     return sum(vals) / len(vals) if vals else float("-inf")
 
 
+HEURISTIC_ITERATIONS = 2
+
+
 def heuristic_decision(env_name, iteration, why=""):
-    top = 100 / 2 ** (iteration - 1)
-    return {"data": "regenerate", "top_pct": top, "min_examples": DATA_MINIMUM[env_name],
-            "configs": [parse_recipe(PRIORS[env_name])], "chosen_by": "heuristic",
-            "reason": f"{why}no meta-LLM: iteration {iteration} keeps the top {top:g}% of the judged "
-                      f"examples with the authors' {env_name} prior"}
+    """Without a meta-LLM: iteration 1 trains the authors' prior on all the judged data; iteration
+    2 reuses that data with the learning rate halved and doubled, the knob LoRA SFT is most
+    sensitive to (the authors' engine varies the configs and the data; the data knobs only shrink
+    it, and the judged data is already what the heuristic judge keeps). loop2.sh picks the best of
+    the three; there is nothing sane left to vary after that, so a third iteration is refused."""
+    prior = parse_recipe(PRIORS[env_name])
+    if iteration == 1:
+        return {"data": "regenerate", "top_pct": 100, "min_examples": DATA_MINIMUM[env_name], "configs": [prior],
+                "chosen_by": "heuristic", "reason": f"{why}no meta-LLM: iteration 1 trains the authors' "
+                                                    f"{env_name} prior on all the judged examples"}
+    if iteration == 2:
+        return {"data": "reuse", "configs": [{**prior, "lr": prior["lr"] / 2}, {**prior, "lr": prior["lr"] * 2}],
+                "chosen_by": "heuristic", "reason": f"{why}no meta-LLM: iteration 2 reuses the data with the "
+                                                    f"prior's learning rate halved and doubled"}
+    raise SystemExit(f"curate_sft.py: {why}the heuristic training engine has {HEURISTIC_ITERATIONS} iterations "
+                     f"(the prior, then its learning rate halved and doubled); iteration {iteration} needs the "
+                     "meta-LLM (--meta-base-url)")
 
 
 def engine_prompt(env_name, iteration, ledger, last_data):
@@ -566,7 +601,8 @@ def engine_prompt(env_name, iteration, ledger, last_data):
             "size knobs top_pct (keep the top X% of the judged examples by episode progression, 0-100] and "
             "min_examples (the size you want; a warning below it);\n"
             f"- configs: one or two LoRA configs, each an object with keys {list(RECIPE_KEYS)}; target is "
-            f"one of {list(TARGETS)}, scheduler cosine, linear, constant or constant_with_warmup.\n"
+            f"one of {list(TARGETS)}, scheduler cosine, linear, constant or constant_with_warmup; batch x "
+            "grad_accum is the global batch (examples per optimizer step, whatever the GPU count).\n"
             f"{prior}{data}"
             "The ledger (one row per trained config: recipe, data, loss curve as [step, loss], progression "
             "% per game and task on validation seeds, the base model's progression on the same seeds, and "
@@ -645,9 +681,17 @@ def curation_parser(prog=None):
     p.add_argument("--judge", default=None, choices=("llm", "heuristic"))
     p.add_argument("--meta-model", default=os.environ.get("META_MODEL", "gpt-5"))
     p.add_argument("--meta-base-url", default=os.environ.get("META_BASE_URL"))
+    p.add_argument("--report-seeds", default=None, help="e.g. 42-51 (default: the paper's, per game)")
     p.add_argument("--allow-report-seeds", action="store_true",
                    help="curate from episodes on the report seeds anyway")
     return p
+
+
+def seeds_arg(p, text):
+    try:
+        return ev.parse_seeds(text)
+    except ev.UsageError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
 
 
 def check_curation_args(p, args):
@@ -655,8 +699,9 @@ def check_curation_args(p, args):
         p.exit(2, f"{p.prog}: error: give at least one --run\n")
     if problem := ev.not_a_run(args.run):
         p.exit(2, f"{p.prog}: error: {problem}\n")
-    if not args.allow_report_seeds and (problem := report_seed_problem(args.run)):
-        p.exit(2, f"{p.prog}: error: {problem}\n")
+    report = seeds_arg(p, args.report_seeds) if args.report_seeds else None
+    if not args.allow_report_seeds and (problem := held_out_problem(args.run, {"report": report})):
+        p.exit(2, f"{p.prog}: error: {problem} or pass --allow-report-seeds\n")
     if args.judge is None:
         args.judge = "llm" if args.meta_base_url else "heuristic"
     if args.judge == "llm" and not args.meta_base_url:
@@ -666,7 +711,7 @@ def check_curation_args(p, args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in ("seeds", "iterate", "record", "best") else None
+    command = argv[0] if argv and argv[0] in ("seeds", "check-seeds", "iterate", "record", "best") else None
     rest = argv[1:] if command else argv
     if command == "seeds":
         p = argparse.ArgumentParser(prog="curate_sft.py seeds", description=training_seeds.__doc__)
@@ -674,6 +719,23 @@ def main(argv=None):
         p.add_argument("--skip", type=int, default=0)
         args = p.parse_args(rest)
         print(",".join(map(str, training_seeds(args.n, args.skip))))
+        return 0
+    if command == "check-seeds":
+        p = argparse.ArgumentParser(prog="curate_sft.py check-seeds",
+                                    description="exit 2 (one line) when the seed sets overlap or a run holds "
+                                                "episodes on validation or report seeds")
+        p.add_argument("--env", required=True, choices=sorted(ev.PAPER_SEEDS))
+        p.add_argument("--train", required=True)
+        p.add_argument("--val", required=True)
+        p.add_argument("--report", default=None, help="default: the paper's")
+        p.add_argument("--run", action="append", default=[])
+        args = p.parse_args(rest)
+        report = seeds_arg(p, args.report) if args.report else list(ev.PAPER_SEEDS[args.env])
+        val = seeds_arg(p, args.val)
+        problem = (overlap_problem({"training": seeds_arg(p, args.train), "validation": val, "report": report})
+                   or held_out_problem(args.run, {"validation": val, "report": report}))
+        if problem:
+            p.exit(2, f"{p.prog}: error: {problem}\n")
         return 0
     if command == "record":
         p = argparse.ArgumentParser(prog="curate_sft.py record", description=record.__doc__)

@@ -326,9 +326,9 @@ def episode_stats(records):
                 if op["op"] == "SEARCH":
                     c["searches"] += 1
                     c["empty_searches"] += "empty" in flags
-                if phase == "log":
+                if phase == "log":   # a scaffold's own reads count as searches, as its writes count as writes
                     c["log_writes"] += kind == "write"
-                    c["log_searches"] += op["op"] == "SEARCH"
+                    c["log_searches"] += op["op"] == "SEARCH" or (kind == "read" and op["op"] not in ALL_OPS)
     info = last.get("info", {})
     return {
         "steps": c["steps"], "progression": last.get("progression", 0.0), "return": ret,

@@ -8,7 +8,12 @@
 
 The model's own chat template renders each example; the loss is on assistant tokens only (the
 turns the specialist should write, with their end-of-turn token); examples are cut at the
-recipe's cutoff. A memory estimate per process is printed before the model is loaded. bf16 and
+recipe's cutoff. The recipe's batch x grad_accum is the global batch (examples per optimizer
+step) at any process count; each process runs micro-batches of the recipe's batch, lowered (and
+its accumulation raised) until the memory estimate fits the GPU, or `--micro-batch N`; the plan
+and the estimate are printed before the model is loaded and kept in train_config.json. Under N
+processes an epoch's last global batch is filled up with repeated examples (accelerate's even
+batches), so tokens_trained may exceed tokens_per_epoch by less than one global batch. bf16 and
 gradient checkpointing are used on CUDA; `--qlora` loads the base in 4 bits (bitsandbytes, CUDA
 only). `--save-every N` checkpoints to <out>/checkpoints/ (sharded under FSDP / ZeRO-3, through
 accelerate) and `--resume` continues from the latest complete one. The out folder gets the
@@ -117,20 +122,29 @@ def sharding():
     return None
 
 
-def memory_estimate(config, targets, rank, batch, seq_len, processes=1, sharded=False, qlora=False,
-                    bf16=True, checkpointing=True):
-    """Rough GPU memory per process, in bytes, by part. Parameters are counted exactly on the meta
-    device; activations assume SDPA / flash attention (no length^2 term): with gradient
+def parameter_counts(config, targets, rank):
+    """Exact parameter counts of the model `config` describes, built on the meta device: all, those
+    in its linear layers (what 4 bits quantize), and LoRA's at `rank` on `targets`. The class is
+    built directly, not through from_config: under ZeRO-3 (registered by TrainingArguments)
+    from_config would materialise a real model, partitioned over the GPUs, just to count it."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    with torch.device("meta"):
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "in_linear_layers": sum(m.weight.numel() for n, m in linear.items() if "lm_head" not in n),
+            "lora_parameters": sum(rank * (m.in_features + m.out_features) for n, m in linear.items()
+                                   if n.split(".")[-1] in targets)}
+
+
+def memory_estimate(config, counts, batch, seq_len, processes=1, sharded=False, qlora=False, bf16=True,
+                    checkpointing=True):
+    """Rough GPU memory per process, in bytes, by part, for a micro-batch of `batch` sequences of
+    `seq_len` tokens. Activations assume SDPA / flash attention (no length^2 term): with gradient
     checkpointing one hidden state per layer is kept, plus one layer recomputed; the logits are
     held in the compute dtype, upcast to fp32 for the loss and given an fp32 gradient. Trainable
     LoRA weights are fp32 (peft's default) with fp32 gradients and two Adam moments."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    params = sum(p.numel() for p in model.parameters())
-    linear = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    in_layers = sum(m.weight.numel() for n, m in linear.items() if "lm_head" not in n)
-    lora = sum(rank * (m.in_features + m.out_features) for n, m in linear.items() if n.split(".")[-1] in targets)
+    params, in_layers, lora = counts["parameters"], counts["in_linear_layers"], counts["lora_parameters"]
     act = 2 if bf16 else 4
     if qlora:   # NF4 weights with double-quantised scales (~0.516 byte / weight); the rest stays 16-bit
         weights = in_layers * 0.516 + (params - in_layers) * 2
@@ -146,7 +160,30 @@ def memory_estimate(config, targets, rank, batch, seq_len, processes=1, sharded=
            "activations": (tokens * h * n_layers * act + one_layer) if checkpointing else one_layer * n_layers,
            "logits and loss": tokens * vocab * (act + 8)}
     est["total"] = sum(est.values())
-    return est, {"parameters": params, "lora_parameters": lora}
+    return est
+
+
+def batch_plan(config, recipe, counts, seq_len, processes, gpu_bytes=None, micro_batch=None, **how):
+    """How the recipe's global batch runs on `processes` processes: (plan, memory estimate). The
+    global batch, batch x grad_accum examples per optimizer step, is the same at any process
+    count. Each process takes micro-batches of the recipe's batch (or fewer: it must divide the
+    process's share), lowered until the estimate fits `gpu_bytes`, with gradient accumulation
+    making up the rest; `micro_batch` forces one. `how`: memory_estimate's sharding and precision.
+    Raises ValueError, in one line, when the global batch does not split or nothing fits."""
+    total = recipe["batch"] * recipe["grad_accum"]
+    share, rest = divmod(total, processes)
+    if rest or not share:
+        raise ValueError(f"the global batch of {total} examples (recipe batch x grad_accum) does not split "
+                         f"evenly over {processes} processes")
+    if micro_batch and share % micro_batch:
+        raise ValueError(f"--micro-batch {micro_batch} does not divide the {share} examples per process and step")
+    sizes = [micro_batch] if micro_batch else [m for m in range(min(recipe["batch"], share), 0, -1) if share % m == 0]
+    for m in sizes:
+        est = memory_estimate(config, counts, m, seq_len, processes, **how)
+        if micro_batch or gpu_bytes is None or est["total"] <= gpu_bytes:
+            return {"global_batch": total, "micro_batch": m, "grad_accum": share // m, "processes": processes}, est
+    raise ValueError(f"even a micro-batch of 1 needs about {est['total'] / GIB:.1f} GiB per process, more than "
+                     f"the GPU's {gpu_bytes / GIB:.1f} GiB: use more GPUs with sharding, --qlora or a shorter cutoff")
 
 
 def print_estimate(est, counts, how):
@@ -201,19 +238,7 @@ def train(args):
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
     dtype = torch.bfloat16 if bf16 else torch.float32
-    # Created first: it starts the process group, and under ZeRO-3 it must exist before the model
-    # is loaded so that the weights are partitioned as they load.
-    targs = TrainingArguments(
-        output_dir=str(out / "checkpoints"), per_device_train_batch_size=recipe["batch"],
-        gradient_accumulation_steps=recipe["grad_accum"], num_train_epochs=recipe["epochs"],
-        max_steps=args.max_steps or -1, learning_rate=recipe["lr"], lr_scheduler_type=recipe["scheduler"],
-        warmup_steps=recipe["warmup"], weight_decay=0.0, logging_steps=1, seed=args.seed, data_seed=args.seed,
-        save_strategy="steps" if args.save_every else "no", save_steps=args.save_every or 500,
-        bf16=bf16, use_cpu=not cuda, activation_checkpointing=cuda,
-        activation_checkpointing_kwargs={"use_reentrant": False}, ddp_find_unused_parameters=False,
-        include_num_input_tokens_seen="non_padding", remove_unused_columns=False, report_to="none",
-        disable_tqdm=True)
-    main = targs.process_index == 0
+    main = int(os.environ.get("RANK", "0")) == 0
     path, kwargs = agent_mod.model_path(args.model)
     tok = AutoTokenizer.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
     if tok.pad_token is None:
@@ -224,16 +249,38 @@ def train(args):
     data = [ex for ex in data if any(x != IGNORE for x in ex["labels"][1:])]
     if not data:
         raise SystemExit("train_lora.py: no example keeps an assistant token within the cutoff")
+    # The batch plan comes before TrainingArguments, which takes it; the process count is the
+    # launcher's (torchrun and accelerate launch set WORLD_SIZE).
     config = AutoConfig.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
     names = set(TARGET_MODULES[recipe["target"]])
-    shard = sharding()
-    est, counts = memory_estimate(config, names, recipe["rank"], recipe["batch"],
-                                  max(len(ex["input_ids"]) for ex in data), targs.world_size,
-                                  sharded=shard is not None, qlora=args.qlora, bf16=bf16, checkpointing=cuda)
+    shard, world = sharding(), int(os.environ.get("WORLD_SIZE", "1"))
+    counts = parameter_counts(config, names, recipe["rank"])
+    gpu_bytes = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory if cuda else None
+    try:
+        plan, est = batch_plan(config, recipe, counts, max(len(ex["input_ids"]) for ex in data), world, gpu_bytes,
+                               args.micro_batch, sharded=shard is not None, qlora=args.qlora, bf16=bf16,
+                               checkpointing=cuda)
+    except ValueError as e:
+        raise SystemExit(f"train_lora.py: {e}")
     if main:
-        print_estimate(est, counts, f"{targs.world_size} process(es), {shard or 'no sharding'}, "
-                                    f"{'4-bit' if args.qlora else str(dtype).split('.')[-1]} base, batch "
-                                    f"{recipe['batch']} x longest example")
+        print_estimate(est, counts, f"{world} process(es), {shard or 'no sharding'}, "
+                                    f"{'4-bit' if args.qlora else str(dtype).split('.')[-1]} base, micro-batch "
+                                    f"{plan['micro_batch']} x longest example")
+        print(f"global batch {plan['global_batch']} = micro-batch {plan['micro_batch']} x accumulation "
+              f"{plan['grad_accum']} x {world} process(es) (recipe: batch {recipe['batch']} x grad_accum "
+              f"{recipe['grad_accum']}" + (f"; GPU {gpu_bytes / GIB:.1f} GiB)" if cuda else ")"))
+    # Created before the model: it starts the process group, and under ZeRO-3 it must exist
+    # before the model is loaded so that the weights are partitioned as they load.
+    targs = TrainingArguments(
+        output_dir=str(out / "checkpoints"), per_device_train_batch_size=plan["micro_batch"],
+        gradient_accumulation_steps=plan["grad_accum"], num_train_epochs=recipe["epochs"],
+        max_steps=args.max_steps or -1, learning_rate=recipe["lr"], lr_scheduler_type=recipe["scheduler"],
+        warmup_steps=recipe["warmup"], weight_decay=0.0, logging_steps=1, seed=args.seed, data_seed=args.seed,
+        save_strategy="steps" if args.save_every else "no", save_steps=args.save_every or 500,
+        bf16=bf16, use_cpu=not cuda, activation_checkpointing=cuda,
+        activation_checkpointing_kwargs={"use_reentrant": False}, ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding", remove_unused_columns=False, report_to="none",
+        disable_tqdm=True)
     set_seed(args.seed)    # the LoRA initialisation
     device_map = {"": targs.local_process_index} if args.qlora and shard is None else None
     model = load_base(args.model, dtype, qlora=args.qlora, device_map=device_map)
@@ -267,6 +314,8 @@ def train(args):
                "tokens_trained": int(trainer.state.num_input_tokens_seen), "recipe": recipe,
                "target_modules": targets, "optimizer_steps": trainer.state.global_step, "seed": args.seed,
                "bf16": bf16, "qlora": args.qlora, "gradient_checkpointing": cuda, "processes": targs.world_size,
+               "global_batch": targs.per_device_train_batch_size * targs.gradient_accumulation_steps * targs.world_size,
+               "micro_batch": targs.per_device_train_batch_size, "grad_accum": targs.gradient_accumulation_steps,
                "sharding": "fsdp" if trainer.is_fsdp_enabled else "zero3" if trainer.is_deepspeed_enabled else None,
                "memory_estimate_gib": {k: round(v / GIB, 3) for k, v in est.items()},
                "first_loss": losses[0]["loss"] if losses else None,
@@ -293,6 +342,8 @@ def main(argv=None):
     p.add_argument("--qlora", action="store_true", help="load the base in 4 bits (bitsandbytes; CUDA only)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="examples per process per forward pass (default: the recipe's batch, lowered to fit the GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None, help="override the recipe")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe")
@@ -308,6 +359,8 @@ def main(argv=None):
         p.exit(2, f"train_lora.py: error: bad recipe {args.recipe}: {e}\n")
     except FileNotFoundError as e:
         p.exit(2, f"train_lora.py: error: {e}\n")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        p.exit(2, "train_lora.py: error: --micro-batch must be a positive integer\n")
     if args.qlora and not torch.cuda.is_available():
         p.exit(2, "train_lora.py: error: --qlora needs a CUDA GPU (bitsandbytes' 4-bit kernels); none here\n")
     if args.qlora and gguf:

@@ -5,7 +5,10 @@
 # ledger and decides the data (reuse, or regenerate with new size knobs) and one or two LoRA
 # configs; each config is trained, evaluated on validation seeds with the specialist running the
 # memory turns and the untouched base model acting, and gets a ledger row. The best row's
-# specialist and the base model are then evaluated once on the report seeds.
+# specialist and the base model are then evaluated once on the report seeds. Training, validation
+# and report seeds must be disjoint, and DATA_RUNS may hold no validation or report episode: the
+# script refuses otherwise. Without a meta-LLM the training engine has 2 iterations (the prior,
+# then its learning rate halved and doubled; curate_sft.py heuristic_decision).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,23 +23,27 @@ TRAIN_SEEDS=${TRAIN_SEEDS:-$("$PYTHON" curate_sft.py seeds --n "$TRAIN_EPISODES"
 VAL_SEEDS=${VAL_SEEDS:-$("$PYTHON" curate_sft.py seeds --n 10 --skip "$TRAIN_EPISODES")}  # iterations are compared here
 REPORT_SEEDS=${REPORT_SEEDS:-}                # empty: the paper's (eval.py's defaults)
 DATA_RUNS=${DATA_RUNS:-}                      # runs to curate from (space-separated); empty: collect them
-ITERATIONS=${ITERATIONS:-5}                   # the authors: 5, with at most 2 configs each
+META_MODEL=${META_MODEL:-gpt-5}               # judge and training engine
+META_BASE_URL=${META_BASE_URL:-}              # empty: the heuristic judge and the heuristic engine
+ITERATIONS=${ITERATIONS:-$([ -n "$META_BASE_URL" ] && echo 5 || echo 2)}   # the authors: 5, at most 2 configs each
 MAX_STEPS=${MAX_STEPS:-}                      # cap per episode; empty: the game's own limit
 CONCURRENCY=${CONCURRENCY:-16}
 BASE_URL=${BASE_URL:-}                        # an OpenAI-compatible server (vLLM) serving MODEL; each new
                                               # adapter is loaded into it (README: serving); empty: HF
-META_MODEL=${META_MODEL:-gpt-5}               # judge and training engine
-META_BASE_URL=${META_BASE_URL:-}              # empty: the heuristic judge and the heuristic engine
 TRAIN_ARGS=${TRAIN_ARGS:-}                    # extra train_lora.py flags, e.g. "--save-every 50 --qlora"
-LAUNCH=${LAUNCH:-}                            # e.g. "accelerate launch --config_file scripts/accelerate/fsdp.yaml"
+LAUNCH=${LAUNCH:-}                            # training: e.g. "accelerate launch --config_file scripts/accelerate/fsdp.yaml"
                                               # or "torchrun --nproc_per_node 8"; empty: one process
+EVAL_LAUNCH=${EVAL_LAUNCH:-}                  # HF evaluation (no BASE_URL): e.g. "torchrun --nproc_per_node 8"
+                                              # splits the episodes, and each process loads the whole model
+                                              # (eval does not shard: not LAUNCH's FSDP config); empty: one process
 RUNS=${RUNS:-runs/loop2_${ENV_NAME}}
 SFT=${SFT:-sft/loop2_${ENV_NAME}}
 ADAPTERS=${ADAPTERS:-adapters/loop2_${ENV_NAME}}
 # -------------------------------------------------------------------------------------------------
 
-launch() {  # launch SCRIPT ARGS...: under $LAUNCH (accelerate launch and torchrun take the script itself)
-  if [ -n "$LAUNCH" ]; then $LAUNCH "$@"; else "$PYTHON" "$@"; fi
+launch() {  # launch LAUNCHER SCRIPT ARGS...: accelerate launch and torchrun take the script itself
+  local how=$1; shift
+  if [ -n "$how" ]; then $how "$@"; else "$PYTHON" "$@"; fi
 }
 
 evaluate() {  # evaluate <out> <seeds> [specialist adapter]
@@ -47,29 +54,43 @@ evaluate() {  # evaluate <out> <seeds> [specialist adapter]
   [ -n "$TASKS" ] && args+=(--tasks $TASKS)
   if [ -z "$BASE_URL" ]; then
     [ -n "${3:-}" ] && args+=(--specialist "$3")
-    launch eval.py "${args[@]}"
-  else  # the server plays; a specialist is the adapter loaded into it under its folder's name
+    launch "$EVAL_LAUNCH" eval.py "${args[@]}"
+  else  # the server plays; a specialist is its adapter, loaded under a name its weights fix
     if [ -n "${3:-}" ]; then
-      curl -sf -X POST "$BASE_URL/load_lora_adapter" -H "Content-Type: application/json" \
-        -d "{\"lora_name\": \"$(basename "$3")\", \"lora_path\": \"$(realpath "$3")\"}" > /dev/null \
-        || echo "note: the server did not load $3 (already loaded?)" >&2
-      args+=(--specialist "$(basename "$3")")
+      local name hash served
+      hash=$(sha256sum "$3/adapter_model.safetensors") || exit 1
+      name="${ENV_NAME}-${hash:0:12}"
+      served=$(curl -sf "$BASE_URL/models" || true)
+      if [[ "$served" != *"\"$name\""* ]]; then   # a listed name holds these very weights
+        curl -sf -X POST "$BASE_URL/load_lora_adapter" -H "Content-Type: application/json" \
+          -d "{\"lora_name\": \"$name\", \"lora_path\": \"$(realpath "$3")\"}" > /dev/null \
+          || { echo "loop2.sh: the server at $BASE_URL did not load $3 as $name" >&2; exit 1; }
+      fi
+      args+=(--specialist "$name")
     fi
     "$PYTHON" eval.py "${args[@]}" --base-url "$BASE_URL"
   fi
 }
 
+if [ -z "$META_BASE_URL" ] && [ "$ITERATIONS" -gt 2 ]; then
+  echo "loop2.sh: ITERATIONS=$ITERATIONS needs a meta-LLM (META_BASE_URL): the heuristic training" \
+       "engine has 2 iterations" >&2
+  exit 2
+fi
+runs=()
+for r in $DATA_RUNS; do runs+=(--run "$r"); done
+"$PYTHON" curate_sft.py check-seeds --env "$ENV_NAME" --train "$TRAIN_SEEDS" --val "$VAL_SEEDS" \
+    ${REPORT_SEEDS:+--report "$REPORT_SEEDS"} "${runs[@]}"
 mkdir -p "$RUNS" "$SFT" "$ADAPTERS"
 ledger="$SFT/ledger.jsonl"
 if [ -z "$DATA_RUNS" ]; then
   evaluate "$RUNS/train_base" "$TRAIN_SEEDS"
-  DATA_RUNS="$RUNS/train_base"
+  runs=(--run "$RUNS/train_base")
 fi
 evaluate "$RUNS/val_base" "$VAL_SEEDS"
 engine=(--judge heuristic)
 [ -n "$META_BASE_URL" ] && engine=(--judge llm --meta-model "$META_MODEL" --meta-base-url "$META_BASE_URL")
-runs=()
-for r in $DATA_RUNS; do runs+=(--run "$r"); done
+[ -n "$REPORT_SEEDS" ] && engine+=(--report-seeds "$REPORT_SEEDS")
 for i in $(seq 1 "$ITERATIONS"); do
   data="$SFT/iter$i"
   [ -f "$data/decision.json" ] || "$PYTHON" curate_sft.py iterate "${runs[@]}" --scaffold "$SCAFFOLD" \
@@ -77,7 +98,7 @@ for i in $(seq 1 "$ITERATIONS"); do
   for recipe in "$data"/recipe_*.json; do
     name="iter${i}_$(basename "$recipe" .json)"
     grep -q "\"adapter\": \"$ADAPTERS/$name\"" "$ledger" 2>/dev/null && continue   # done in an earlier run
-    launch train_lora.py --model "$MODEL" --data "$data/train.jsonl" --recipe "$recipe" \
+    launch "$LAUNCH" train_lora.py --model "$MODEL" --data "$data/train.jsonl" --recipe "$recipe" \
         --out "$ADAPTERS/$name" --resume $TRAIN_ARGS
     evaluate "$RUNS/val_$name" "$VAL_SEEDS" "$ADAPTERS/$name"
     "$PYTHON" curate_sft.py record --ledger "$ledger" --sft "$data" --recipe "$recipe" \
