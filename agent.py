@@ -22,9 +22,9 @@ plumbing, not skill).
 
 An agent's step is a generator: it yields `Request`s and receives `Reply`s, so `run_episodes`
 can advance many episodes together and serve their pending requests as one batch (HF) or
-concurrently (server). A failed request is retried, then falls back; a server that stays down
-raises `ServerDown` into the episodes it serves; an episode that raises ends `Unfinished`
-while the others go on.
+concurrently (server). A failed request is retried, then falls back; once the server counts
+as down, an episode it serves ends with `ServerDown` after its step; an episode that raises ends
+`Unfinished` while the others go on.
 
     python agent.py --env crafter --model tiny-random --steps 3     # a short smoke episode
     python agent.py --bench      # steps/s 1 vs 16 episodes on a 50 ms server; HF batched tok/s
@@ -36,6 +36,7 @@ import functools
 import inspect
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -46,7 +47,7 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -72,7 +73,9 @@ class Request:
 class Reply:
     """A model's answer, or why there is none (`error`). `finish_reason` is the server's ("stop",
     "length": cut at max_new_tokens, "tool_calls"), or "context_length" when the server refused
-    the prompt as too long; `retries` counts failed attempts before this answer."""
+    the prompt as too long; `retries` counts failed attempts before this answer. `server_down`:
+    why the server counts as down, on a failed reply that found it so (its episode then ends after
+    this step)."""
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -80,6 +83,7 @@ class Reply:
     error: str = None
     finish_reason: str = None
     retries: int = 0
+    server_down: str = None
 
 
 def turn_messages(turns, k):
@@ -95,7 +99,8 @@ def traced(reply):
     """What a trace keeps of a reply, beside the turn's input and ops."""
     return {"response": reply.text, "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
             "latency_s": round(reply.latency, 4), "error": reply.error, "finish_reason": reply.finish_reason,
-            **({"retries": reply.retries} if reply.retries else {})}
+            **({"retries": reply.retries} if reply.retries else {}),
+            **({"server_down": reply.server_down} if reply.server_down else {})}
 
 
 @dataclass(frozen=True)
@@ -557,7 +562,9 @@ def accepted(agent, action):
 
 def play(env, agent, seed, on_step=None, max_steps=None):
     """Generator for one episode: yields Requests, returns the episode's result. `on_step(record)`
-    gets each step's trace record as soon as the environment has answered."""
+    gets each step's trace record as soon as the environment has answered. A step in which a
+    reply found the server down is recorded, then the episode ends with ServerDown: the trace
+    holds every request, and no step is played on fallbacks against a dead server."""
     obs = env.reset(seed=seed)
     step, done, ret, info = 0, False, 0.0, {"progression": 0.0, "end_status": None}
     t_start = time.time()
@@ -589,6 +596,8 @@ def play(env, agent, seed, on_step=None, max_steps=None):
         agent.observe(record["action"])
         if on_step:
             on_step(record)
+        if down := next((t["server_down"] for t in turns if t.get("server_down")), None):
+            raise ServerDown(down)
         obs = next_obs
         step += 1
     return {"seed": seed, "steps": step, "progression": info["progression"], "return": ret,
@@ -604,6 +613,15 @@ class Unfinished:
     reason: str
     traceback: str
     error: BaseException = None
+
+
+def all_finished(results):
+    """`results`, for a benchmark to measure; SystemExit naming the first episode that did not
+    finish, which would otherwise be measured as if it had played all its steps."""
+    failed = next((r for r in results if isinstance(r, Unfinished)), None)
+    if failed:
+        raise SystemExit(f"an episode did not finish, nothing measured: {failed.reason}")
+    return results
 
 
 def one_line(e):
@@ -699,15 +717,21 @@ def sampling_kwargs(max_new_tokens=4096, temperature=1.0, top_p=None):
 
 
 class ServerDown(RuntimeError):
-    """The server failed several requests in a row: the episode cannot go on and is left
+    """The server failed `max_failures` requests in a row: the episode cannot go on and is left
     unfinished (rerun by --resume) instead of being played by fallback actions."""
 
 
+class EndpointError(RuntimeError):
+    """The endpoint cannot be used at all: it cannot be reached, or it refuses the API key."""
+
+
 class BadReply(ValueError):
-    """A 200 answer that is not a chat completion (no `choices`, no `usage`, not JSON)."""
+    """A 200 answer that is not a chat completion: no `choices` or `usage`, or not their shape (a
+    body that is not JSON at all surfaces as the client's JSONDecodeError)."""
 
 
 CONTEXT_LENGTH = re.compile(r"context[ _](length|size|window)|exceed_context", re.I)
+MAX_WAIT = 60.0   # seconds: the longest wait before a retry, a server's Retry-After included
 
 
 def context_length_rejection(e):
@@ -723,19 +747,47 @@ def retryable(e):
     return not isinstance(e, openai.APIStatusError) or e.status_code in (408, 409, 429) or e.status_code >= 500
 
 
+def retry_after(e):
+    """The seconds a 429 or 503 answer's Retry-After header asks for; None when it names none (the
+    HTTP-date form, which model servers do not send, counts as none)."""
+    import openai
+    if isinstance(e, openai.APIStatusError) and e.status_code in (429, 503):
+        with contextlib.suppress(TypeError, ValueError):
+            return max(0.0, float(e.response.headers.get("retry-after")))
+    return None
+
+
+def chat_reply(answer):
+    """The Reply in a chat completion; BadReply if it is not one (the client does not check)."""
+    choices, usage = getattr(answer, "choices", None), getattr(answer, "usage", None)
+    if not choices or usage is None:
+        raise BadReply(f"the answer has no {'choices' if not choices else 'usage'}")
+    try:
+        choice = choices[0]
+        return Reply(choice.message.content or "", int(usage.prompt_tokens), int(usage.completion_tokens),
+                     finish_reason=choice.finish_reason)
+    except (AttributeError, IndexError, KeyError, TypeError) as e:
+        raise BadReply(f"the answer is not a chat completion ({one_line(e)})") from e
+
+
 class OpenAIBackend:
-    """Any OpenAI-compatible chat endpoint (vLLM, SGLang, a hosted API). A request that fails in
-    any way (HTTP error, dropped connection, timeout, a body that is not a chat completion) is
-    retried `max_retries` times, waiting `backoff` s, then twice that, ...; if it still fails the
-    step falls back (the reply carries the error, the trace records it). A prompt the server
-    refuses as too long for the context is not retried: that turn fails, the step goes on.
-    After `max_failures` failed requests in a row (over all episodes: the server is shared) each
-    further failure raises `ServerDown`, which ends its episode as unfinished."""
+    """Any OpenAI-compatible chat endpoint (vLLM, SGLang, a hosted API). A request that fails on
+    the server's side or on the way (HTTP error, dropped connection, timeout, a body that is not a
+    chat completion) is retried `max_retries` times, waiting `backoff` s, then twice that, ...
+    (each wait times a random 0.5-1, so that episodes failing together do not retry in lock-step;
+    a 429 / 503's Retry-After instead when given; at most MAX_WAIT); if it still fails the step
+    falls back (the reply carries the error, the trace records it). A prompt the server refuses
+    as too long for the context is not retried: that turn fails, the step goes on. Any other
+    exception is a bug on this side: it is raised, and ends its episode.
+    The `max_failures`-th failed request in a row (over all episodes: the server is shared) finds
+    the server down: that reply carries `server_down`, and its episode ends after the step. While
+    the server is down each request is tried once, without waiting; the first success ends it."""
 
     batched = False
+    sleep = staticmethod(time.sleep)   # the waits before retries (tests record them instead)
 
     def __init__(self, base_url, model, specialist=None, api_key=None, timeout=300.0,
-                 max_retries=5, backoff=2.0, max_failures=3, max_new_tokens=4096, temperature=1.0,
+                 max_retries=5, backoff=1.0, max_failures=3, max_new_tokens=4096, temperature=1.0,
                  top_p=None):
         from openai import OpenAI
 
@@ -749,65 +801,80 @@ class OpenAIBackend:
         self._lock = threading.Lock()
 
     def complete(self, request):
+        import openai
+
         model = self.specialist if request.role == "specialist" else self.model
         if model is None:
             return Reply("", error="no specialist model configured")
         t0 = time.time()
-        for attempt in range(self.max_retries + 1):
+        with self._lock:
+            tries = 1 if self.failures >= self.max_failures else self.max_retries + 1
+        for attempt in range(tries):
             if attempt:
-                time.sleep(min(self.backoff * 2 ** (attempt - 1), 60))
+                self.sleep(self.wait_before(attempt, error))
             try:
-                r = self.client.chat.completions.create(model=model, messages=request.messages, **self.sampling)
-                choices, usage = getattr(r, "choices", None), getattr(r, "usage", None)
-                if not choices or usage is None:
-                    raise BadReply(f"the answer has no {'choices' if not choices else 'usage'}")
-            except Exception as e:  # the client raises JSONDecodeError, AttributeError, ... too
-                error = one_line(e)
+                reply = chat_reply(self.client.chat.completions.create(model=model, messages=request.messages,
+                                                                       **self.sampling))
+            except (openai.APIError, json.JSONDecodeError, BadReply) as e:   # the server's or the network's
+                error = e
                 if context_length_rejection(e):
                     self._count(failed=False)  # the server is up: it read the prompt
-                    return Reply("", latency=time.time() - t0, error=error,
+                    return Reply("", latency=time.time() - t0, error=one_line(e),
                                  finish_reason="context_length", retries=attempt)
                 if not retryable(e):
                     break
                 continue
             self._count(failed=False)
-            return Reply(choices[0].message.content or "", usage.prompt_tokens, usage.completion_tokens,
-                         time.time() - t0, finish_reason=choices[0].finish_reason, retries=attempt)
-        self._count(failed=True, error=error)
-        return Reply("", latency=time.time() - t0, error=error, retries=attempt)
+            return replace(reply, latency=time.time() - t0, retries=attempt)
+        return Reply("", latency=time.time() - t0, error=one_line(error), retries=attempt,
+                     server_down=self._count(failed=True, error=error))
+
+    def wait_before(self, attempt, error):
+        """Seconds to wait before retry `attempt` (from 1) of a request that failed with `error`."""
+        after = retry_after(error)
+        return min(self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1) if after is None else after, MAX_WAIT)
 
     def _count(self, failed, error=None):
+        """Count a request's outcome; for a failure that finds the server down, why (else None)."""
         with self._lock:
             self.failures = self.failures + 1 if failed else 0
-            down = self.failures >= self.max_failures
-        if failed and down:
-            raise ServerDown(f"server {self.base_url} down: {self.failures} requests in a row failed "
-                             f"after {self.max_retries} retries each (last: {error})")
+            failures = self.failures
+        if failed and failures >= self.max_failures:
+            return f"server {self.base_url} down: {failures} requests in a row failed (last: {one_line(error)})"
+        return None
 
     def model_check(self):
         """(names among the model and specialist the server does not serve, names it serves), from
         /v1/models. A server that cannot list them (`transformers serve` answers 500 for a model
-        loaded from a local path) is asked for one token from each instead. Raises ServerDown
-        when the server cannot be reached."""
+        loaded from a local path) is asked for one token from each instead. Raises EndpointError
+        when the server cannot be reached or refuses the API key."""
         import openai
 
         wanted = [m for m in (self.model, self.specialist) if m]
         client = self.client.with_options(timeout=min(self.client.timeout, 60))
+        refused = (openai.AuthenticationError, openai.PermissionDeniedError)
 
         def answers(model):
             try:
                 client.chat.completions.create(model=model, max_tokens=1,
                                                messages=[{"role": "user", "content": "Say OK."}])
                 return True
+            except refused:
+                raise
             except openai.APIStatusError:
                 return False
         try:
             try:
                 served = {m.id for m in client.models.list()}
+            except refused:
+                raise
             except (openai.APIStatusError, ValueError, AttributeError):   # it cannot list
                 served = {m for m in wanted if answers(m)}
         except openai.APIConnectionError as e:
-            raise ServerDown(f"cannot reach {self.base_url} ({one_line(e)})")
+            raise EndpointError(f"cannot reach {self.base_url} ({one_line(e)})")
+        except refused as e:
+            raise EndpointError(f"{self.base_url} refuses the API key ({one_line(e)}): an authentication "
+                                "problem; set OPENAI_API_KEY")
         return [m for m in wanted if m not in served], sorted(served)
 
 
@@ -836,12 +903,14 @@ def parameter_count(config):
     return sum(p.numel() for p in model.parameters())
 
 
-def memory_plan(config, dtype_bytes, gpu_bytes, batch_tokens=None, max_new_tokens=1024, name="the model"):
+def memory_plan(config, dtype_bytes, gpu_bytes, batch_tokens=None, max_new_tokens=1024, name="the model",
+                more_gpus=False):
     """Weights + KV cache on a process's GPUs (`gpu_bytes`: each one's size), and the batch token
     budget: `batch_tokens`, or when None the largest that fits. A batch's static cache holds at most
     `batch_tokens` tokens; while it fills, one prompt's own prefill cache is alive beside it, at most
     half the budget (a batch has two prompts or more), hence 1.5x. Raises DoesNotFit (one line)
-    when it cannot fit. A LoRA adapter's weights are left out: they are a few hundred MB at most."""
+    when it cannot fit, saying what would help (more GPUs only when the machine has `more_gpus`).
+    A LoRA adapter's weights are left out: they are a few hundred MB at most."""
     weights = parameter_count(config) * dtype_bytes
     per_token = kv_bytes_per_token(config, dtype_bytes)
     usable = sum(gpu_bytes) * (1 - GPU_RESERVE)
@@ -850,13 +919,18 @@ def memory_plan(config, dtype_bytes, gpu_bytes, batch_tokens=None, max_new_token
     budget = fits if batch_tokens is None else batch_tokens
     plan = {"weights_gib": weights / GIB, "kv_bytes_per_token": per_token, "batch_tokens": budget,
             "kv_gib": 1.5 * per_token * budget / GIB, "usable_gib": usable / GIB, "gpus": len(gpu_bytes)}
-    if budget > fits or budget < smallest:
-        want = max(budget, smallest)
+    if budget < smallest <= fits:
+        raise DoesNotFit(f"--batch-tokens {budget:,} is less than one typical prompt and its reply "
+                         f"({smallest:,} tokens)")
+    want = max(budget, smallest)
+    if want > fits:
+        helps = (["give each process more GPUs (--gpus-per-process)"] * more_gpus
+                 + ["lower --batch-tokens"] * (batch_tokens is not None and smallest <= fits)
+                 + ["serve it with vLLM (--base-url)"])
         raise DoesNotFit(
             f"{name} does not fit: {plan['weights_gib']:.1f} GiB of weights + {1.5 * per_token * want / GIB:.1f} "
             f"GiB of KV cache for batches of {want:,} tokens > {plan['usable_gib']:.1f} GiB usable on "
-            f"{len(gpu_bytes)} GPU(s) of {max(gpu_bytes) / GIB:.0f} GiB; give each process more GPUs "
-            f"(--gpus-per-process), lower --batch-tokens, or serve it with vLLM (--base-url)")
+            f"{len(gpu_bytes)} GPU(s) of {max(gpu_bytes) / GIB:.0f} GiB; " + ", or ".join(helps))
     return plan
 
 
@@ -911,7 +985,8 @@ class HFBackend:
             gpus = list(range(torch.cuda.device_count())) if gpus is None else gpus
             sizes = [torch.cuda.get_device_properties(g).total_memory for g in gpus]
             config = AutoConfig.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
-            self.plan = memory_plan(config, dtype.itemsize, sizes, batch_tokens, max_new_tokens, name=model)
+            self.plan = memory_plan(config, dtype.itemsize, sizes, batch_tokens, max_new_tokens, name=model,
+                                    more_gpus=len(gpus) < torch.cuda.device_count())
             batch_tokens = self.plan["batch_tokens"]
             device_map = {"": gpus[0]} if len(gpus) == 1 else "auto"
         self.tok = AutoTokenizer.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
@@ -1136,14 +1211,15 @@ def tiny_random_path(vocab_size=2048, seed=0):
 # A scripted OpenAI-compatible server (real HTTP), for the bench and the tests
 # ---------------------------------------------------------------------------------------------
 
-FAULTS = ("http_500", "http_503", "http_429", "drop", "not_json", "no_choices", "no_usage", "stall",
+FAULTS = ("http_500", "http_503", "http_429", "drop", "cut", "not_json", "no_choices", "no_usage", "stall",
           "context_length")
 
 
 class ScriptedServer:
     """Serves /v1/chat/completions on 127.0.0.1. `reply(body)` returns the assistant text, a
     message dict (e.g. with tool_calls), an int HTTP status to fail with, or one of FAULTS: an
-    HTTP error (`http_NNN`), a dropped connection, a body that is not JSON, an answer without
+    HTTP error (`http_NNN`; a 429 / 503 says Retry-After `retry_after` s when that is given), a
+    dropped connection, an answer cut off mid-body, a body that is not JSON, an answer without
     `choices` or `usage`, a stall of `stall` s (past the client's timeout) before dropping, or a
     400 for a prompt over the context length, worded as vLLM words it. `delay` seconds are slept
     before each answer (a stand-in for model latency). /v1/models lists `models` (answered with
@@ -1151,9 +1227,10 @@ class ScriptedServer:
     `strict`, a chat request for another model gets vLLM's 404. `port` 0 picks a free one."""
 
     def __init__(self, reply, delay=0.0, models=("scripted",), strict=False, list_status=200,
-                 stall=2.0, port=0):
+                 stall=2.0, port=0, retry_after=None):
         self.reply, self.delay, self.requests = reply, delay, []
         self.models, self.strict, self.list_status, self.stall = models, strict, list_status, stall
+        self.retry_after = retry_after
         self._lock = threading.Lock()
         server = self
 
@@ -1161,13 +1238,18 @@ class ScriptedServer:
             def log_message(self, *args):
                 pass
 
-            def _send(self, status, payload, data=None):
+            def _send(self, status, payload, data=None, cut=False):
                 data = data or json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                if status in (429, 503) and server.retry_after is not None:
+                    self.send_header("Retry-After", str(server.retry_after))
                 self.end_headers()
-                self.wfile.write(data)
+                self.wfile.write(data[:len(data) // 2] if cut else data)
+                if cut:
+                    self.wfile.flush()
+                    self._drop()
 
             def _drop(self):
                 self.close_connection = True
@@ -1219,7 +1301,7 @@ class ScriptedServer:
                               "total_tokens": prompt + completion}}
                 if out in ("no_choices", "no_usage"):
                     del answer[out.removeprefix("no_")]
-                self._send(200, answer)
+                self._send(200, answer, cut=out == "cut")
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
@@ -1274,7 +1356,7 @@ def bench():
             for n in (1, 16):
                 gens, agents = _bench_episodes(n, 20, scaffold, f"{tmp}/{n}", [])
                 t0 = time.perf_counter()
-                steps = sum(r["steps"] for r in run_episodes(gens, backend, concurrency=n))
+                steps = sum(r["steps"] for r in all_finished(run_episodes(gens, backend, concurrency=n)))
                 rates[n] = steps / (time.perf_counter() - t0)
                 for a in agents:
                     a.close()
@@ -1299,7 +1381,7 @@ def bench():
             counted, in_llm[0] = [], 0.0
             gens, _ = _bench_episodes(8, 2, scaffold, f"{tmp}/{conc}", counted)
             t0 = time.perf_counter()
-            run_episodes(gens, backend, concurrency=conc)
+            all_finished(run_episodes(gens, backend, concurrency=conc))
             wall = time.perf_counter() - t0
             speeds[conc] = sum(counted) / in_llm[0]
             print(f"    concurrency {conc}: {speeds[conc]:7.1f} generated tokens/s in the model "

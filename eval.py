@@ -24,7 +24,8 @@ An episode that cannot finish (the server stayed down, an exception in the game 
 scaffold's code) keeps its trace, gets no result file but ep_<seed>.error.txt (reason, traceback),
 and is not scored; the others go on, the run lists it and exits 1, and --resume reruns it.
 Processes (a launcher's ranks, --shard jobs) share only the run folder: the last to end writes
-the summary.
+the summary and is the one that exits 1 (a launcher stops every process when one fails, so the
+others exit 0); `eval.py summarize` exits 1 too while episodes are unfinished.
 """
 import argparse
 import contextlib
@@ -35,7 +36,6 @@ import platform
 import re
 import subprocess
 import sys
-import time
 from collections import deque
 from importlib import metadata
 from pathlib import Path
@@ -234,6 +234,16 @@ def iter_trace(path):
 def read_trace(path):
     """The whole trace as a list (iter_trace streams it)."""
     return list(iter_trace(path))
+
+
+class Trace:
+    """A trace's step records, streamed anew each time it is iterated: never held whole."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __iter__(self):
+        return iter_trace(self.path)
 
 
 def write_json(path, data, replace=True):
@@ -436,35 +446,37 @@ def protocol_differences(env_name, config, episodes):
     return notes
 
 
+def _total(counts):
+    return {k: sum(c[k] for c in counts) for k in counts[0]}
+
+
 def _group(stats):
-    counts = {k: sum(s["counts"][k] for s in stats) for k in stats[0]["counts"]}
+    counts = _total([s["counts"] for s in stats])
     ends = {}
     for s in stats:
         ends[str(s["end_status"])] = ends.get(str(s["end_status"]), 0) + 1
     prog = mean_se([100 * s["progression"] for s in stats])
     return {"progression_pct": prog, "return": mean_se([s["return"] for s in stats]),
             "steps": mean_se([s["steps"] for s in stats]), "end_reasons": ends,
-            "behaviour": behaviour(counts), "backend": backend_health(counts),
+            "behaviour": behaviour(counts),
             "tokens": {"prompt": counts["prompt_tokens"], "completion": counts["completion_tokens"]},
             "seeds": sorted(s["seed"] for s in stats)}
 
 
 def summarize(run, on_episode=None):
-    """summary.json's content, recomputed from every finished episode's trace, streamed. Each
-    trace is read once; `on_episode(env, task, seed, records, stats)` lets a caller use it too
-    (the loop #1 digest) instead of reading it again. Episodes the run planned that have no
-    result are listed under `unfinished`, with the reason their error file gives."""
+    """summary.json's content, recomputed from the run's traces, each streamed. Finished episodes
+    are scored; `on_episode(env, task, seed, records, stats)` lets a caller digest each one too
+    (`records`: a Trace, to iterate as often as it needs). Episodes the run planned that have no
+    result are listed under `unfinished`, with the reason their error file gives, and not scored;
+    the backend's figures count the requests of every trace, theirs too."""
     run = Path(run)
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
     per_env = {}
     for env_name, task, seed in finished_episodes(run):
-        trace, _, _ = episode_paths(run, env_name, task, seed)
+        records = Trace(episode_paths(run, env_name, task, seed)[0])
+        s = episode_stats(records)
         if on_episode:
-            records = read_trace(trace)
-            s = episode_stats(records)
             on_episode(env_name, task, seed, records, s)
-        else:
-            s = episode_stats(iter_trace(trace))
         s["seed"] = seed
         per_env.setdefault(env_name, {}).setdefault(task, []).append(s)
     summary = {"run": run.name, "model": config.get("model"), "scaffold": config.get("scaffold"),
@@ -481,11 +493,14 @@ def summarize(run, on_episode=None):
     if everything:
         total = _group(everything)
         summary["behaviour"] = total["behaviour"]
-        summary["backend"] = total["backend"]
         summary["tokens"] = total["tokens"]
+    unfinished = [e for e in planned_episodes(config) if not episode_paths(run, *e)[1].exists()]
+    traces = [episode_paths(run, *e)[0] for e in unfinished]
+    counts = [s["counts"] for s in everything] + [episode_stats(Trace(t))["counts"] for t in traces if t.exists()]
+    if counts:
+        summary["backend"] = backend_health(_total(counts))
     summary["unfinished"] = [{"env": e, "task": t, "seed": s, "reason": unfinished_reason(run, e, t, s)}
-                             for e, t, s in planned_episodes(config) if not episode_paths(run, e, t, s)[1].exists()]
-    summary["wall_s"] = config.get("wall_s")
+                             for e, t, s in unfinished]
     return summary
 
 
@@ -544,10 +559,11 @@ def report_markdown(summary):
                   f"| end reasons | {e['end_reasons']} |", ""]
     if summary.get("tokens"):
         lines.append(f"Tokens: {summary['tokens']['prompt']:,} prompt, "
-                     f"{summary['tokens']['completion']:,} completion. Wall time: {_fmt(summary.get('wall_s'))} s.")
+                     f"{summary['tokens']['completion']:,} completion.")
     if summary.get("backend"):
         b = summary["backend"]
-        lines += ["", f"Backend: {b['requests']:,} requests, error rate {_fmt(b['error_rate'])} ({b['failed']} "
+        lines += ["", f"Backend, over every episode, unfinished ones too: {b['requests']:,} requests, error "
+                      f"rate {_fmt(b['error_rate'])} ({b['failed']} "
                       f"failed after retries, {b['context_length']} refused as over the context length; the "
                       f"step went on with the fallback), {b['retries']} retried attempts, {b['truncated']} "
                       "replies cut at max_new_tokens."]
@@ -668,10 +684,11 @@ def check_args(args):
     if args.specialist and not args.base_url and not Path(args.specialist).is_dir():
         raise UsageError(f"--specialist {args.specialist!r}: no adapter folder there (with --base-url "
                          "it is the served LoRA's model name)")
-    if args.concurrency < 1 or (args.max_steps is not None and args.max_steps < 1):
-        raise UsageError("--concurrency and --max-steps must be at least 1")
-    if args.retries < 0 or args.max_failures < 1 or args.timeout <= 0 or args.backoff < 0:
-        raise UsageError("--retries and --backoff must be at least 0, --max-failures at least 1, --timeout above 0")
+    if any(n is not None and n < 1 for n in (args.concurrency, args.max_steps, args.batch_tokens, args.gpus_per_process)):
+        raise UsageError("--concurrency, --max-steps, --batch-tokens and --gpus-per-process must be at least 1")
+    if not (args.retries >= 0 and args.backoff >= 0 and args.max_failures >= 1 and 0 < args.timeout < math.inf):
+        raise UsageError("--retries and --backoff must be at least 0, --max-failures at least 1, --timeout "
+                         "a number of seconds above 0")
     if args.shard:
         parse_shard(args.shard)
     try:
@@ -743,7 +760,6 @@ def prepare_run(args, scaffold, jobs, shared):
         if changed:
             raise UsageError(f"{'--resume' if args.resume else 'this process'}: {out} was run with other "
                              f"settings ({', '.join(changed)})")
-        config["wall_s_earlier"] = prev.get("wall_s") or 0   # time spent before this resume
     return out, config
 
 
@@ -785,7 +801,7 @@ def load_backend(args):
                                           max_failures=args.max_failures, **kwargs)
         try:
             missing, served = backend.model_check()
-        except agent_mod.ServerDown as e:
+        except agent_mod.EndpointError as e:
             raise UsageError(str(e))
         if missing:
             raise UsageError(f"{args.base_url} does not serve {', '.join(missing)} (it serves: "
@@ -863,7 +879,6 @@ def run_eval(args):
     bar_eps = tqdm(total=len(mine), desc="episodes", position=0, disable=not show)
     bar_steps = tqdm(desc="steps", unit="step", position=1, disable=not show)
     running, failed = {}, []
-    t0 = time.time()
 
     def episode(env_name, task, seed):
         trace_path, result_path, memory_dir = episode_paths(out, env_name, task, seed)
@@ -915,14 +930,15 @@ def run_eval(args):
               "rerun the same command with --resume to finish the rest", file=sys.stderr)
         return 130
     if len(ended) < len(jobs):   # another process is still at work: the last one to end summarizes
+        # and exits 1 for the unfinished; exiting 1 here would make a launcher stop the others
         print(f"{len(ended)} of {len(jobs)} episodes of {out} have ended; the last process of the run writes "
-              f"summary.json (or run: python eval.py summarize {out})")
-        return 1 if failed else 0
-    config["wall_s"] = round(time.time() - t0 + config.get("wall_s_earlier", 0), 2)
-    write_json(out / "config.json", config)
+              f"summary.json (or run: python eval.py summarize {out})"
+              + (f"; this one exits 0 though {len(failed)} of its episodes are unfinished (their error files "
+                 "say why; the summary lists them)" if failed else ""))
+        return 0
     summary = write_summary(out)
     print_summary(out, summary)
-    return 1 if failed or summary["unfinished"] else 0
+    return 1 if summary["unfinished"] else 0
 
 
 def run_summarize(argv):
@@ -932,8 +948,9 @@ def run_summarize(argv):
     args = p.parse_args(argv)
     if problem := not_a_run([args.run]):
         p.exit(2, f"eval.py summarize: error: {problem}\n")
-    print_summary(args.run, write_summary(args.run))
-    return 0
+    summary = write_summary(args.run)
+    print_summary(args.run, summary)
+    return 1 if summary["unfinished"] else 0
 
 
 def run_report(argv):
@@ -1088,9 +1105,11 @@ def build_parser():
                    "of n independent jobs on the same run folder, e.g. a Slurm array")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a server request may take")
     p.add_argument("--retries", type=int, default=5, help="retries of a failed server request")
-    p.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry, doubled each time")
+    p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubled each "
+                   "time, each wait times a random 0.5-1 (defaults: at most 1+2+4+8+16 = 31 s of waiting per "
+                   "request; a killed server ends the run within about 1.5 minutes)")
     p.add_argument("--max-failures", type=int, default=3, help="failed requests in a row (retries spent) "
-                   "after which the server counts as down: its episodes end unfinished")
+                   "after which the server counts as down: its episodes end unfinished, each after its step")
     p.add_argument("--batch-tokens", type=int, default=None, help="HF: cap on a batch's KV cache in tokens "
                    "(prompts x (longest + max new)); default on GPUs: the most that fits, on CPU: none")
     p.add_argument("--gpus-per-process", type=int, default=None, help="HF: GPUs each process spreads the "

@@ -53,7 +53,7 @@ def play_records(env_name, kind, steps, folder):
     with agent.ScriptedServer(scripted_model(env_name)) as server:
         backend = agent.OpenAIBackend(server.url, "scripted", max_retries=0)
         ag = agent.make_agent(kind, env, scaffold, Path(folder) / "memory")
-        agent.run_episodes([agent.play(env, ag, 42, records.append, steps)], backend)
+        agent.all_finished(agent.run_episodes([agent.play(env, ag, 42, records.append, steps)], backend))
         ag.close()
     return [json.loads(json.dumps(r)) for r in records]   # as written: JSON types only
 

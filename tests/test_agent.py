@@ -184,6 +184,14 @@ def test_no_committed_action_is_invalid_and_told(tmp_path):
     assert "\n\n\nYour previous output did not contain a valid action. Defaulted to action: Noop\n\nObservation:\n" in told
 
 
+def test_a_benchmark_stops_at_an_unfinished_episode():
+    """What the benchmarks measure must have played all its steps."""
+    done = [{"steps": 20}, {"steps": 20}]
+    assert agent.all_finished(done) is done
+    with pytest.raises(SystemExit, match="^an episode did not finish, nothing measured: ServerDown: server x down"):
+        agent.all_finished([done[0], agent.Unfinished("ServerDown: server x down", "Traceback ...")])
+
+
 def test_failing_server_degrades_to_fallback_and_goes_on(tmp_path):
     """Until `max_failures` requests in a row have failed (then the episode ends unfinished:
     tests/test_faults.py)."""
@@ -465,15 +473,23 @@ def test_gpu_memory_plan_for_qwen25_32b():
     # the round the issue describes: 16 prompts of 3.5k tokens, 1024 new tokens each
     assert 16 * (3500 + 1024) * per_token / GIB == pytest.approx(17.7, abs=0.05)   # the batch's static cache
     assert 16 * 3500 * per_token / GIB == pytest.approx(13.7, abs=0.05)            # every prefill cache at once
+    # what helps is said only when it would: more GPUs if the machine has them, a lower budget if one fits
     with pytest.raises(agent.DoesNotFit, match=r"^Qwen/Qwen2.5-32B-Instruct does not fit: 61.0 GiB of weights "
-                       r"\+ 26.5 GiB of KV cache for batches of 72,384 tokens > 71.3 GiB usable on 1 GPU\(s\) of 79 GiB"):
+                       r"\+ 26.5 GiB of KV cache for batches of 72,384 tokens > 71.3 GiB usable on 1 GPU\(s\) of 79 "
+                       r"GiB; lower --batch-tokens, or serve it with vLLM \(--base-url\)$"):
         agent.memory_plan(config, 2, [H100], 16 * 4524, 1024, name="Qwen/Qwen2.5-32B-Instruct")
     plan = agent.memory_plan(config, 2, [H100], None, 1024)      # the largest budget one card holds
     assert plan["batch_tokens"] == int((0.9 * H100 - 2 * 32_763_876_352) / (1.5 * per_token)) == 27_970
     assert [len(b) for b in agent.token_batches([3500] * 16, plan["batch_tokens"], 1024)] == [6, 6, 4]
+    # with the default 4096 new tokens a batch reserves room for 4096-token replies: 3 prompts
+    assert [len(b) for b in agent.token_batches([3500] * 16, plan["batch_tokens"], 4096)] == [3] * 5 + [1]
     assert agent.memory_plan(config, 2, [H100] * 4, 16 * 4524, 1024)["batch_tokens"] == 72_384  # 4 GPUs
-    with pytest.raises(agent.DoesNotFit, match="batches of 5,120 tokens > 57.6 GiB usable on 2 GPU"):
-        agent.memory_plan(config, 2, [32 * GIB] * 2, None, 1024)
+    with pytest.raises(agent.DoesNotFit, match=r"batches of 5,120 tokens > 57.6 GiB usable on 2 GPU\(s\) of 32 "
+                       r"GiB; give each process more GPUs \(--gpus-per-process\), or serve it with vLLM"):
+        agent.memory_plan(config, 2, [32 * GIB] * 2, None, 1024, more_gpus=True)
+    with pytest.raises(agent.DoesNotFit, match=r"--batch-tokens 1,000 is less than one typical prompt and its "
+                       r"reply \(5,120 tokens\)"):
+        agent.memory_plan(config, 2, [H100], 1000, 1024)
 
 
 def test_each_process_gets_its_slice_of_the_gpus():

@@ -629,7 +629,9 @@ def test_minihack_corridor_instruction_is_balrogs():
 
 
 @pytest.mark.parametrize("task", envs.MINIHACK_TASKS)
-def test_minihack_instruction_lists_the_tasks_actions_and_goal(task):
+def test_minihack_instruction_lists_the_tasks_actions_and_goal(task, request):
+    if "Boxoban" in task:
+        request.getfixturevalue("boxoban_levels")
     env = make_env("minihack", task, seed=0)
     head, rest = env.instruction.split("\n\n", 1)
     actions, rest = rest.split(".\n\n", 1)

@@ -90,7 +90,7 @@ def test_scripted_server_run_summary_and_behaviour(tmp_path):
                       "--model", "scripted", "--out", str(tmp_path / "run")])
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary == {**ev.summarize(tmp_path / "run"), "wall_s": summary["wall_s"]}
+    assert summary == ev.summarize(tmp_path / "run")
     b = summary["envs"]["crafter"]["behaviour"]
     # every LOG searches once then appends one line: 5 LOGs per episode
     assert b["log_writes_per_search"] == 1.0
@@ -287,6 +287,9 @@ def test_protocol_defaults_are_the_papers(tmp_path):
     (["--env", "crafter", "--specialist", "no/such/adapter"], "no adapter folder there"),
     (["--env", "crafter", "--shard", "2/2"], "malformed --shard '2/2'"),
     (["--env", "crafter", "--max-failures", "0"], "--max-failures at least 1"),
+    (["--env", "crafter", "--timeout", "inf"], "--timeout a number of seconds above 0"),
+    (["--env", "crafter", "--batch-tokens", "0"], "--batch-tokens and --gpus-per-process must be at least 1"),
+    (["--env", "crafter", "--gpus-per-process", "0"], "--batch-tokens and --gpus-per-process must be at least 1"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, message):
     r = run_eval(args)
@@ -310,7 +313,7 @@ def _strict_lines(run):
 
 
 def _comparable(summary):
-    return {k: v for k, v in summary.items() if k not in ("run", "wall_s")}
+    return {k: v for k, v in summary.items() if k != "run"}
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -384,28 +387,43 @@ def test_report_and_plot(tmp_path):
     assert r.returncode == 2 and "not a run folder" in r.stderr
 
 
+def first_view(seed):
+    """A Crafter episode's first observation: the naive agent's history starts with it."""
+    return envs.make_env("crafter", seed=seed).reset(seed=seed)["long_term_context"]
+
+
+def wait_for(paths, limit=120):
+    deadline = time.time() + limit
+    while not all(map(Path.exists, paths)) and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def torchrun_eval(out, model, port, *args):
+    """eval.py in two torchrun processes on CPU against a server answering `model(body)`: the naive
+    agent, Crafter seeds 1-3, 6 steps; rank 0 takes seeds 1 and 3, rank 1 seed 2. Returns the
+    finished torchrun and how many requests the server got."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with ScriptedServer(model) as server:
+        r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port),
+                            str(ROOT / "eval.py"), "--env", "crafter", "--agent", "naive", "--seeds", "1-3",
+                            "--max-steps", "6", "--base-url", server.url, "--model", "scripted",
+                            "--out", str(out), *args], capture_output=True, text=True, timeout=600)
+        return r, len(server.requests)
+
+
 def test_torchrun_ranks_share_episodes_of_very_different_lengths(tmp_path):
     """Two launched processes (torchrun; `accelerate launch` on GPUs) take their shares from RANK
     and WORLD_SIZE and make no process group: rank 0 ends its two episodes and exits while rank 1's
     one episode is held back until then; the last to end summarizes."""
     source = (ROOT / "eval.py").read_text()
     assert not any(call in source for call in ("wait_for_everyone", "PartialState", "torch.distributed"))
-    slow = envs.make_env("crafter", seed=2).reset(seed=2)["long_term_context"]   # rank 1's first view
-    rank0 = [tmp_path / f"r/crafter/default/ep_{seed}.json" for seed in (1, 3)]
+    slow = first_view(2)   # rank 1's episode
 
-    def model(body):   # the naive agent's history starts with the episode's first observation
-        deadline = time.time() + 120
-        while slow in body["messages"][1]["content"] and not all(map(Path.exists, rank0)) \
-                and time.time() < deadline:
-            time.sleep(0.05)
+    def model(body):
+        if slow in body["messages"][1]["content"]:
+            wait_for([tmp_path / f"r/crafter/default/ep_{seed}.json" for seed in (1, 3)])
         return "<|ACTION|>Do<|END|>"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    with ScriptedServer(model) as server:
-        r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29561",
-                            str(ROOT / "eval.py"), "--env", "crafter", "--agent", "naive", "--seeds", "1-3",
-                            "--max-steps", "6", "--base-url", server.url, "--model", "scripted",
-                            "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=600)
-        requests = len(server.requests)
+    r, requests = torchrun_eval(tmp_path / "r", model, 29561)
     assert r.returncode == 0, r.stderr[-2000:]
     assert requests == 3 * 6                            # each episode ran once, in one process
     assert "2 of 3 episodes of" in r.stdout              # rank 0 ended first and did not wait
@@ -424,7 +442,7 @@ def test_shards_share_a_run_folder_and_the_last_writes_the_summary(tmp_path):
         assert "2 of 4 episodes of" in first.stdout and not (out / "summary.json").exists()
         assert sorted(p.name for p in out.glob("crafter/default/ep_*.json")) == ["ep_2.json", "ep_4.json"]
         partial = run_eval(["summarize", str(out)])   # at any time: what has finished so far
-        assert partial.returncode == 0 and "2 episode(s) unfinished" in partial.stdout
+        assert partial.returncode == 1 and "2 episode(s) unfinished" in partial.stdout
         assert json.loads((out / "summary.json").read_text())["unfinished"][0]["reason"] == \
             "not run yet, or still running"
         last = run_eval([*common, "--shard", "0/2"])
@@ -478,3 +496,39 @@ def test_trace_stores_each_observation_and_op_result_once(tmp_path):
             assert raw.count(json.dumps(instruction, ensure_ascii=False)[1:-1]) == 1
         turns = [t for r in records for _, ro in ev.routines(r) for t in ro["turns"]]
         assert {t["finish_reason"] for t in turns} == {"stop"} and len(turns) >= 5
+
+
+def test_summaries_stream_the_traces(tmp_path):
+    """summarize, and an on_episode that goes through an episode's records twice, hold a few steps
+    of a trace at a time, never the whole trace (measured in memory, not time)."""
+    import tracemalloc
+    (tmp_path / "config.json").write_text(json.dumps({"tasks": ["default"], "seeds": [1]}))
+    trace, result, _ = ev.episode_paths(tmp_path, "crafter", "default", 1)
+    trace.parent.mkdir(parents=True)
+    writer = ev.TraceWriter(trace)
+    for step in range(800):
+        observation = os.urandom(2000).hex()      # 4 KB that nothing else repeats
+        turn = {"messages": [{"role": "user", "content": f"What now?\n\n{observation}"}], "role": "base",
+                "response": "Noop", "prompt_tokens": 1000, "completion_tokens": 1, "latency_s": 0.1,
+                "error": None, "finish_reason": "stop", "ops": []}
+        writer.write({"step": step, "observation": observation, "state": None, "next_state": None,
+                      "routines": ["plan"], "plan": {"turns": [turn], "ended": "action"},
+                      "action": {"raw": "Noop", "executed": "Noop", "valid": True}, "reward": 0.0,
+                      "done": False, "progression": 0.0, "info": {}, "tokens": {"prompt": 1000, "completion": 1}})
+    writer.close()
+    result.write_text(json.dumps({"seed": 1}))
+    size, seen = trace.stat().st_size, []
+
+    def peak(run):
+        tracemalloc.start()
+        try:
+            run()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    def on_episode(env_name, task, seed, records, stats):
+        seen.append((sum(1 for _ in records), max(r["step"] for r in records), stats["steps"]))
+    assert peak(lambda: ev.read_trace(trace)) > size        # what holding the whole trace takes
+    assert peak(lambda: ev.summarize(tmp_path)) < size / 10
+    assert peak(lambda: ev.summarize(tmp_path, on_episode)) < size / 10 and seen == [(800, 799, 800)]

@@ -1,6 +1,7 @@
-"""Eval under failing servers: every fault kind retried, a context-length refusal survived, a dead
-server ending episodes unfinished (and --resume finishing them), a 30 % faulty server, an
-exception in one episode, and the endpoint check before any episode."""
+"""Eval under failing servers: every fault kind retried on the backoff schedule, a context-length
+refusal survived, a bug on this side not retried, a dead server ending episodes unfinished within
+two minutes of waiting (and --resume finishing them), a 30 % faulty server, an exception in one
+episode, a launcher's rank that ends first with a failed episode, and the endpoint check."""
 import itertools
 import json
 import os
@@ -16,13 +17,14 @@ import agent
 import envs
 import eval as ev
 from agent import FAULTS, OpenAIBackend, Request, ScriptedServer, ServerDown, Unfinished
-from test_eval import deterministic_model
+from test_eval import deterministic_model, first_view, torchrun_eval, wait_for
 
 ROOT = Path(ev.__file__).resolve().parent
 ASK = Request([{"role": "user", "content": "Your move?"}])
 # what the backend says when a fault outlasts its retries
 SAID = {"http_500": "InternalServerError: Error code: 500", "http_503": "InternalServerError: Error code: 503",
         "http_429": "RateLimitError: Error code: 429", "drop": "APIConnectionError: Connection error.",
+        "cut": "APIConnectionError: Connection error.",
         "not_json": "JSONDecodeError: Expecting value", "no_choices": "BadReply: the answer has no choices",
         "no_usage": "BadReply: the answer has no usage", "stall": "APITimeoutError: Request timed out."}
 
@@ -35,6 +37,27 @@ def faults_first(n, kind):
 
 def fast_backend(url, **kw):
     return OpenAIBackend(url, "scripted", **{"max_retries": 1, "backoff": 0.01, "timeout": 0.5, **kw})
+
+
+@pytest.fixture
+def waits(monkeypatch):
+    """The backend's waits before retries, recorded instead of slept."""
+    waited = []
+    monkeypatch.setattr(OpenAIBackend, "sleep", waited.append)
+    return waited
+
+
+def test_backoff_doubles_with_jitter_and_honours_retry_after(waits):
+    with ScriptedServer(lambda body: "http_500") as server:
+        reply = OpenAIBackend(server.url, "scripted", max_retries=5, backoff=1.0).complete(ASK)
+    assert reply.retries == 5 and len(server.requests) == 6 and len(waits) == 5
+    assert all(0.5 * 2 ** k <= w <= 2 ** k for k, w in enumerate(waits))   # 1, 2, 4, 8, 16 s times 0.5-1
+    assert len({w / 2 ** k for k, w in enumerate(waits)}) == 5               # jittered: no lock-step
+    for retry_after, waited in ((7, [7.0, 7.0]), (3600, [agent.MAX_WAIT])):
+        waits.clear()
+        with ScriptedServer(faults_first(len(waited), "http_503"), retry_after=retry_after) as server:
+            reply = OpenAIBackend(server.url, "scripted", max_retries=5, backoff=1.0).complete(ASK)
+        assert reply.text == "<|ACTION|>Do<|END|>" and waits == waited
 
 
 @pytest.mark.parametrize("kind", [k for k in FAULTS if k != "context_length"])
@@ -60,16 +83,29 @@ def test_context_length_refusal_and_client_errors_are_not_retried():
         assert reply.error.startswith("NotFoundError") and len(server.requests) == 1
 
 
-def test_failed_requests_in_a_row_mean_the_server_is_down():
-    script = iter(["http_503", "ok", "http_503", "http_503", "http_503"])
+def test_failed_requests_in_a_row_find_the_server_down_then_each_request_is_tried_once(waits):
+    script = iter(["http_503"] * 2 + ["ok"] + ["http_503"] * 5 + ["ok"])
     with ScriptedServer(lambda body: next(script)) as server:
-        backend = fast_backend(server.url, max_retries=0, max_failures=2)
+        backend = fast_backend(server.url, max_failures=2)
         assert backend.complete(ASK).error and backend.complete(ASK).text == "ok"   # a success resets
-        assert backend.complete(ASK).error
-        with pytest.raises(ServerDown, match=r"down: 2 requests in a row failed .*503"):
+        assert backend.complete(ASK).server_down is None
+        down = backend.complete(ASK)           # the 2nd failed request in a row, retried like any
+        assert down.server_down.startswith(f"server {server.url} down: 2 requests in a row failed (last: "
+                                           "InternalServerError: Error code: 503")
+        assert len(server.requests) == 7 and len(waits) == 3
+        again = backend.complete(ASK)          # down: tried once, no wait
+        assert again.server_down and again.retries == 0 and len(server.requests) == 8 and len(waits) == 3
+        assert backend.complete(ASK).text == "ok" and backend.failures == 0   # the server is back
+
+
+def test_a_bug_on_this_side_is_raised_not_retried(waits):
+    """Only the server's and the network's failures are retried: a local error (here the client
+    cannot set an infinite timeout) raises at once and ends its episode, and is no server fault."""
+    with ScriptedServer(lambda body: "ok") as server:
+        backend = OpenAIBackend(server.url, "scripted", timeout=float("inf"))
+        with pytest.raises(OverflowError):
             backend.complete(ASK)
-        with pytest.raises(ServerDown):        # and so does every later failure
-            backend.complete(ASK)
+        assert server.requests == [] and waits == [] and backend.failures == 0
 
 
 def test_a_step_survives_a_context_length_refusal(tmp_path):
@@ -156,43 +192,72 @@ def run_eval(args, **kw):
                           env=dict(os.environ, PYTHONUNBUFFERED="1"), **kw)
 
 
-FAST = ["--retries", "1", "--backoff", "0.05", "--timeout", "2", "--max-failures", "3"]
-
-
-def test_dead_server_leaves_the_episode_unfinished_and_resume_finishes_it(tmp_path):
-    out = tmp_path / "run"
+def test_dead_server_ends_the_run_in_two_minutes_and_resume_finishes_it(tmp_path, waits, capsys):
+    """eval's default retry schedule, with the waits recorded: 3 requests fail after 5 retries each,
+    then the server is down; the episode ends after its step, within 120 s of waiting."""
+    out, folder = tmp_path / "run", tmp_path / "run/crafter/default"
     server = ScriptedServer(deterministic_model, delay=0.02).__enter__()
     port = server.httpd.server_address[1]
+
+    def kill_after_the_first_episode():
+        while not (folder / "ep_1.json").exists():
+            time.sleep(0.01)
+        server.__exit__(None, None, None)     # episode 2 is under way
+    threading.Thread(target=kill_after_the_first_episode, daemon=True).start()
     common = ["--env", "crafter", "--seeds", "1-2", "--max-steps", "30", "--concurrency", "1",
-              "--base-url", server.url, "--model", "scripted", "--out", str(out), *FAST]
-    t0 = time.time()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), *common], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    folder = out / "crafter/default"
-    while not (folder / "ep_1.json").exists() and proc.poll() is None:
-        time.sleep(0.02)
-    server.__exit__(None, None, None)          # the server dies with episode 2 under way
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and time.time() - t0 < 120
+              "--base-url", server.url, "--model", "scripted", "--out", str(out)]
+    assert ev.main(common) == 1
+    assert len(waits) == 3 * 5 and sum(waits) <= 3 * (1 + 2 + 4 + 8 + 16) < 120
     assert (folder / "ep_1.json").exists() and not (folder / "ep_2.json").exists()
     reason = (folder / "ep_2.error.txt").read_text().splitlines()[0]
-    assert reason.startswith(f"ServerDown: server {server.url} down: 3 requests in a row failed")
-    assert f"unfinished: crafter default 2: {reason}" in err
-    for line in (folder / "ep_2.jsonl").read_text().splitlines():
-        json.loads(line)
+    assert reason.startswith(f"ServerDown: server {server.url} down: 3 requests in a row failed (last: "
+                             "APIConnectionError: Connection error.)")
+    assert f"unfinished: crafter default 2: {reason}" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["envs"]["crafter"]["progression_pct"]["n"] == 1 and summary["unfinished"][0]["seed"] == 2
+    turns = {seed: [t for r in ev.read_trace(folder / f"ep_{seed}.jsonl") for _, ro in ev.routines(r)
+                    for t in ro["turns"]] for seed in (1, 2)}   # every line parses
+    failed = [(t.get("retries", 0), "server_down" in t) for t in turns[2] if t["error"]]
+    assert turns[2][-len(failed):] == [t for t in turns[2] if t["error"]]     # the last turns of the trace
+    # 3 failed after their retries, the 3rd found the server down; a LOG's step goes on to PLAN, tried once
+    assert failed in ([(5, False), (5, False), (5, True)], [(5, False), (5, False), (5, True), (0, True)])
+    n = len(turns[1] + turns[2])     # the backend's figures count the unfinished episode's requests too
+    assert summary["backend"] == {"requests": n, "error_rate": len(failed) / n, "failed": len(failed),
+                                  "retries": 15, "context_length": 0, "truncated": 0}
     first = {p: p.read_bytes() for p in folder.rglob("*")
              if p.is_file() and (p.name.startswith("ep_1.") or "memory_1" in p.parts)}
     assert len(first) >= 3
 
     with ScriptedServer(deterministic_model, port=port):   # the server is back at its address
-        resumed = run_eval([*common, "--resume"])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert ev.main([*common, "--resume"]) == 0
     assert (folder / "ep_2.json").exists() and not (folder / "ep_2.error.txt").exists()
     assert {p: p.read_bytes() for p in first} == first      # episode 1's files untouched
     summary = json.loads((out / "summary.json").read_text())
     assert summary["envs"]["crafter"]["progression_pct"]["n"] == 2 and summary["unfinished"] == []
+
+
+def test_a_rank_that_ends_first_with_a_failed_episode_does_not_stop_the_others(tmp_path):
+    """torchrun stops every rank as soon as one exits non-zero. Rank 0 (seeds 1, 3) ends first,
+    seed 1 unfinished (the server fails its requests), and exits 0; rank 1's long episode (seed 2,
+    held until rank 0 has ended, then slow) finishes; rank 1 writes the summary and exits 1."""
+    failing, slow = first_view(1), first_view(2)
+    folder = tmp_path / "r/crafter/default"
+
+    def model(body):
+        history = body["messages"][1]["content"]
+        if failing in history:
+            return 500
+        if slow in history:
+            wait_for([folder / "ep_1.error.txt", folder / "ep_3.json"])
+            time.sleep(0.5)
+        return "<|ACTION|>Do<|END|>"
+    r, _ = torchrun_eval(tmp_path / "r", model, 29562, "--retries", "0", "--max-failures", "1")
+    assert "2 of 3 episodes of" in r.stdout and "this one exits 0 though 1 of its episodes are unfinished" in r.stdout
+    assert (folder / "ep_2.json").exists(), r.stderr[-2000:]    # rank 1 was not stopped
+    summary = json.loads((tmp_path / "r/summary.json").read_text())
+    assert summary["envs"]["crafter"]["seeds"] == [2, 3]
+    assert [(u["seed"], u["reason"].split(":")[0]) for u in summary["unfinished"]] == [(1, "ServerDown")]
+    assert r.returncode != 0 and "unfinished: crafter default 1: ServerDown" in r.stderr   # the summarizer's exit 1
 
 
 def test_thirty_percent_faults_of_every_kind(tmp_path):
@@ -222,7 +287,7 @@ def test_thirty_percent_faults_of_every_kind(tmp_path):
     refused = served.count("context_length")
     assert b["context_length"] == refused >= 1 and b["failed"] == 0
     assert b["retries"] == len(served) - refused and b["error_rate"] == pytest.approx(refused / b["requests"])
-    assert "Backend:" in (out / "report.md").read_text()
+    assert "Backend, over every episode, unfinished ones too: " in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("server_kw,args,message", [
@@ -231,6 +296,8 @@ def test_thirty_percent_faults_of_every_kind(tmp_path):
     # transformers serve cannot list a model loaded from a path: each name is asked for a token
     ({"models": ("/models/q",), "strict": True, "list_status": 500}, ["--model", "/models/qq"],
      "does not serve /models/qq (it serves: nothing it will list)"),
+    ({"list_status": 401}, ["--model", "scripted"], "refuses the API key (AuthenticationError: Error code: "
+                                                    "401"),
 ])
 def test_endpoint_check_stops_before_any_episode(tmp_path, server_kw, args, message):
     with ScriptedServer(lambda body: "<|ACTION|>Do<|END|>", **server_kw) as server:

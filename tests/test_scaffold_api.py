@@ -151,7 +151,7 @@ def test_the_system_prompt_is_traced_once(kitchen, tmp_path):
     assert (tmp_path / "t.jsonl").read_text().count("and keep a memory of text files") == 1
 
 
-def test_boxoban_gets_its_own_prompt_and_fallback(tmp_path):
+def test_boxoban_gets_its_own_prompt_and_fallback(tmp_path, boxoban_levels):
     records, _ = run_kitchen(tmp_path, "MiniHack-Boxoban-Hard-v0", steps=2,
                              model=lambda body: "<|DONE|>" if "ROUTINE log" in json.dumps(body) else "hmm")
     prompt = records[0]["plan"]["turns"][0]["messages"][1]["content"]
