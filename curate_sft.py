@@ -563,9 +563,6 @@ def overall(row):
     return sum(vals) / len(vals) if vals else float("-inf")
 
 
-HEURISTIC_ITERATIONS = 2
-
-
 def heuristic_decision(env_name, iteration, why=""):
     """Without a meta-LLM: iteration 1 trains the authors' prior on all the judged data; iteration
     2 reuses that data with the learning rate halved and doubled, the knob LoRA SFT is most
@@ -581,7 +578,7 @@ def heuristic_decision(env_name, iteration, why=""):
         return {"data": "reuse", "configs": [{**prior, "lr": prior["lr"] / 2}, {**prior, "lr": prior["lr"] * 2}],
                 "chosen_by": "heuristic", "reason": f"{why}no meta-LLM: iteration 2 reuses the data with the "
                                                     f"prior's learning rate halved and doubled"}
-    raise SystemExit(f"curate_sft.py: {why}the heuristic training engine has {HEURISTIC_ITERATIONS} iterations "
+    raise SystemExit(f"curate_sft.py: {why}the heuristic training engine has 2 iterations "
                      f"(the prior, then its learning rate halved and doubled); iteration {iteration} needs the "
                      "meta-LLM (--meta-base-url)")
 
