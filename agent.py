@@ -22,9 +22,9 @@ plumbing, not skill).
 
 An agent's step is a generator: it yields `Request`s and receives `Reply`s, so `run_episodes`
 can advance many episodes together and serve their pending requests as one batch (HF) or
-concurrently (server). A failed request is retried, then falls back; once the server counts
-as down, an episode it serves ends with `ServerDown` after its step; an episode that raises ends
-`Unfinished` while the others go on.
+concurrently (server). A failed request is retried, then falls back; once a model counts as
+down, an episode it serves ends with `ServerDown` after its step and no queued episode starts
+until it answers again; an episode that raises ends `Unfinished` while the others go on.
 
     python agent.py --env crafter --model tiny-random --steps 3     # a short smoke episode
     python agent.py --bench      # steps/s 1 vs 16 episodes on a 50 ms server; HF batched tok/s
@@ -35,6 +35,7 @@ import copy
 import functools
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -658,9 +659,24 @@ def run_episodes(episodes, backend, concurrency=16, on_done=None):
             on_done(i, results[i])
 
     def refill():
-        """Start queued episodes while there is room; returns their indices."""
+        """Start queued episodes while there is room; returns their indices. None starts while the
+        backend counts a model as down: once the running episodes have ended it is probed, and if
+        it does not come back the queued episodes are left unstarted (unfinished: --resume)."""
         started = []
         while queue and len(pending) < concurrency:
+            if getattr(backend, "down", list)():
+                if pending:
+                    break          # the running episodes end first
+                if backend.wait_until_up():
+                    continue
+                why = f"not started: {', '.join(backend.down())} at {backend.base_url} still down"
+                while queue:
+                    i, gen = queue.popleft()
+                    gen.close()
+                    results[i] = Unfinished(why, "", ServerDown(why))
+                    if on_done:
+                        on_done(i, results[i])
+                break
             i, gen = queue.popleft()
             advance(i, gen)
             started.append(i)
@@ -732,6 +748,19 @@ class BadReply(ValueError):
 
 CONTEXT_LENGTH = re.compile(r"context[ _](length|size|window)|exceed_context", re.I)
 MAX_WAIT = 60.0   # seconds: the longest wait before a retry, a server's Retry-After included
+PROBES = 3        # a model that is down is asked this often, MAX_WAIT s apart, before queued episodes start
+CONNECT_TIMEOUT = 10.0   # seconds to open a connection (a live server accepts at once)
+
+
+def request_timeout(timeout):
+    """The client's timeout: `timeout` s for a request, at most CONNECT_TIMEOUT of it to connect."""
+    import httpx2
+    return httpx2.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
+
+
+def ask_one_token(client, model):
+    """Ask `model` for one token (is it served and answering?); raises as the client does."""
+    client.chat.completions.create(model=model, max_tokens=1, messages=[{"role": "user", "content": "Say OK."}])
 
 
 def context_length_rejection(e):
@@ -753,7 +782,8 @@ def retry_after(e):
     import openai
     if isinstance(e, openai.APIStatusError) and e.status_code in (429, 503):
         with contextlib.suppress(TypeError, ValueError):
-            return max(0.0, float(e.response.headers.get("retry-after")))
+            after = float(e.response.headers.get("retry-after"))
+            return after if 0 <= after < math.inf else None   # nan, inf or negative: none given
     return None
 
 
@@ -764,9 +794,12 @@ def chat_reply(answer):
         raise BadReply(f"the answer has no {'choices' if not choices else 'usage'}")
     try:
         choice = choices[0]
-        return Reply(choice.message.content or "", int(usage.prompt_tokens), int(usage.completion_tokens),
+        content = choice.message.content
+        if not isinstance(content, (str, type(None))):
+            raise TypeError(f"its content is a {type(content).__name__}")
+        return Reply(content or "", int(usage.prompt_tokens), int(usage.completion_tokens),
                      finish_reason=choice.finish_reason)
-    except (AttributeError, IndexError, KeyError, TypeError) as e:
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
         raise BadReply(f"the answer is not a chat completion ({one_line(e)})") from e
 
 
@@ -779,9 +812,12 @@ class OpenAIBackend:
     falls back (the reply carries the error, the trace records it). A prompt the server refuses
     as too long for the context is not retried: that turn fails, the step goes on. Any other
     exception is a bug on this side: it is raised, and ends its episode.
-    The `max_failures`-th failed request in a row (over all episodes: the server is shared) finds
-    the server down: that reply carries `server_down`, and its episode ends after the step. While
-    the server is down each request is tried once, without waiting; the first success ends it."""
+    The `max_failures`-th failed request in a row for one model (over all episodes: the server is
+    shared; counted per model, as a specialist LoRA can vanish while the base model answers) finds
+    that model down: that reply carries `server_down`, and its episode ends after the step. While
+    a model is down each request for it is tried once, without waiting; the first success ends it.
+    A connection is given CONNECT_TIMEOUT s (a dead node would otherwise hold each attempt for
+    the OS's connect timeout); `timeout` bounds the whole request."""
 
     batched = False
     sleep = staticmethod(time.sleep)   # the waits before retries (tests record them instead)
@@ -792,12 +828,12 @@ class OpenAIBackend:
         from openai import OpenAI
 
         # the client's own retries are off: they cover neither bad bodies nor missing fields
-        self.client = OpenAI(base_url=base_url, timeout=timeout, max_retries=0,
+        self.client = OpenAI(base_url=base_url, timeout=request_timeout(timeout), max_retries=0,
                              api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY")
-        self.base_url, self.model, self.specialist = base_url, model, specialist
+        self.base_url, self.model, self.specialist, self.timeout = base_url, model, specialist, timeout
         self.max_retries, self.backoff, self.max_failures = max_retries, backoff, max_failures
         self.sampling = sampling_kwargs(max_new_tokens, temperature, top_p)
-        self.failures = 0           # failed requests in a row, any episode
+        self.failures = {}          # model -> its failed requests in a row, any episode
         self._lock = threading.Lock()
 
     def complete(self, request):
@@ -808,40 +844,63 @@ class OpenAIBackend:
             return Reply("", error="no specialist model configured")
         t0 = time.time()
         with self._lock:
-            tries = 1 if self.failures >= self.max_failures else self.max_retries + 1
+            tries = 1 if self.failures.get(model, 0) >= self.max_failures else self.max_retries + 1
         for attempt in range(tries):
             if attempt:
                 self.sleep(self.wait_before(attempt, error))
             try:
                 reply = chat_reply(self.client.chat.completions.create(model=model, messages=request.messages,
                                                                        **self.sampling))
-            except (openai.APIError, json.JSONDecodeError, BadReply) as e:   # the server's or the network's
+            # the server's or the network's: a body that is not JSON, not UTF-8, or not a chat
+            # completion is a ValueError (JSONDecodeError, UnicodeDecodeError, BadReply)
+            except (openai.APIError, ValueError) as e:
                 error = e
                 if context_length_rejection(e):
-                    self._count(failed=False)  # the server is up: it read the prompt
+                    self._count(model, failed=False)  # the server is up: it read the prompt
                     return Reply("", latency=time.time() - t0, error=one_line(e),
                                  finish_reason="context_length", retries=attempt)
                 if not retryable(e):
                     break
                 continue
-            self._count(failed=False)
+            self._count(model, failed=False)
             return replace(reply, latency=time.time() - t0, retries=attempt)
         return Reply("", latency=time.time() - t0, error=one_line(error), retries=attempt,
-                     server_down=self._count(failed=True, error=error))
+                     server_down=self._count(model, failed=True, error=error))
 
     def wait_before(self, attempt, error):
         """Seconds to wait before retry `attempt` (from 1) of a request that failed with `error`."""
         after = retry_after(error)
         return min(self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1) if after is None else after, MAX_WAIT)
 
-    def _count(self, failed, error=None):
-        """Count a request's outcome; for a failure that finds the server down, why (else None)."""
+    def _count(self, model, failed, error=None):
+        """Count a request's outcome; for a failure that finds its model down, why (else None)."""
         with self._lock:
-            self.failures = self.failures + 1 if failed else 0
-            failures = self.failures
+            failures = self.failures[model] = self.failures.get(model, 0) + 1 if failed else 0
         if failed and failures >= self.max_failures:
-            return f"server {self.base_url} down: {failures} requests in a row failed (last: {one_line(error)})"
+            return (f"model {model} at {self.base_url} down: {failures} requests for it in a row failed "
+                    f"(last: {one_line(error)})")
         return None
+
+    def down(self):
+        """The models that count as down, in a list (empty when none does)."""
+        with self._lock:
+            return [m for m, n in self.failures.items() if n >= self.max_failures]
+
+    def wait_until_up(self, probes=PROBES):
+        """Whether the models that are down answer again: each is asked for one token, `probes`
+        times MAX_WAIT s apart (2 minutes with the default) until it answers."""
+        import openai
+
+        for attempt in range(probes):
+            if attempt:
+                self.sleep(MAX_WAIT)
+            for model in self.down():
+                with contextlib.suppress(openai.APIError, ValueError):
+                    ask_one_token(self.client, model)
+                    self._count(model, failed=False)
+            if not self.down():
+                return True
+        return False
 
     def model_check(self):
         """(names among the model and specialist the server does not serve, names it serves), from
@@ -851,13 +910,12 @@ class OpenAIBackend:
         import openai
 
         wanted = [m for m in (self.model, self.specialist) if m]
-        client = self.client.with_options(timeout=min(self.client.timeout, 60))
+        client = self.client.with_options(timeout=request_timeout(min(self.timeout, 60)))
         refused = (openai.AuthenticationError, openai.PermissionDeniedError)
 
         def answers(model):
             try:
-                client.chat.completions.create(model=model, max_tokens=1,
-                                               messages=[{"role": "user", "content": "Say OK."}])
+                ask_one_token(client, model)
                 return True
             except refused:
                 raise
@@ -1216,7 +1274,8 @@ FAULTS = ("http_500", "http_503", "http_429", "drop", "cut", "not_json", "no_cho
 
 
 class ScriptedServer:
-    """Serves /v1/chat/completions on 127.0.0.1. `reply(body)` returns the assistant text, a
+    """Serves /v1/chat/completions on 127.0.0.1. `reply(body)` returns the assistant text, raw
+    bytes for the answer's body, a
     message dict (e.g. with tool_calls), an int HTTP status to fail with, or one of FAULTS: an
     HTTP error (`http_NNN`; a 429 / 503 says Retry-After `retry_after` s when that is given), a
     dropped connection, an answer cut off mid-body, a body that is not JSON, an answer without
@@ -1271,6 +1330,8 @@ class ScriptedServer:
                     return self._send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist.",
                                                       "type": "NotFoundError", "param": None, "code": 404}})
                 out = server.reply(body)
+                if isinstance(out, bytes):   # a raw 200 body, as a broken proxy or server sends
+                    return self._send(200, None, out)
                 if isinstance(out, int) or (isinstance(out, str) and out.startswith("http_") and out in FAULTS):
                     status = int(str(out).removeprefix("http_"))
                     return self._send(status, {"error": {"message": f"scripted failure {status}"}})

@@ -930,12 +930,14 @@ def run_eval(args):
               "rerun the same command with --resume to finish the rest", file=sys.stderr)
         return 130
     if len(ended) < len(jobs):   # another process is still at work: the last one to end summarizes
-        # and exits 1 for the unfinished; exiting 1 here would make a launcher stop the others
+        # and exits 1 for the unfinished. Under a launcher (WORLD_SIZE set) exiting 1 here would make
+        # it stop the others; an independent --shard job (a Slurm array task) exits 1 for its own.
+        launched = "WORLD_SIZE" in os.environ
         print(f"{len(ended)} of {len(jobs)} episodes of {out} have ended; the last process of the run writes "
               f"summary.json (or run: python eval.py summarize {out})"
-              + (f"; this one exits 0 though {len(failed)} of its episodes are unfinished (their error files "
-                 "say why; the summary lists them)" if failed else ""))
-        return 0
+              + (f"; this one exits {0 if launched else 1}: {len(failed)} of its episodes are unfinished "
+                 "(their error files say why; the summary lists them)" if failed else ""))
+        return 1 if failed and not launched else 0
     summary = write_summary(out)
     print_summary(out, summary)
     return 1 if summary["unfinished"] else 0

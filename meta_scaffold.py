@@ -858,6 +858,7 @@ def propose(args):
 # config.json keys in which a base and a candidate may differ: the scaffold, and facts about how
 # a run went rather than what it measured (throughput, time, the code's commit and package
 # versions: a loop may commit its scaffolds between runs). Every other key must be equal.
+# "wall_s" and "wall_s_earlier" are no longer written: kept so runs made before still compare.
 GATE_FREE = ("scaffold", "scaffold_path", "scaffold_hash", "concurrency", "wall_s", "wall_s_earlier",
              "git_commit", "versions", "command")
 EXACT_UP_TO = 16           # sign-flip tests on up to 2^16 patterns are enumerated exactly

@@ -58,6 +58,11 @@ def test_backoff_doubles_with_jitter_and_honours_retry_after(waits):
         with ScriptedServer(faults_first(len(waited), "http_503"), retry_after=retry_after) as server:
             reply = OpenAIBackend(server.url, "scripted", max_retries=5, backoff=1.0).complete(ASK)
         assert reply.text == "<|ACTION|>Do<|END|>" and waits == waited
+    for retry_after in ("nan", "-5", "inf"):     # not a number of seconds: the backoff's own waits
+        waits.clear()
+        with ScriptedServer(faults_first(2, "http_503"), retry_after=retry_after) as server:
+            OpenAIBackend(server.url, "scripted", max_retries=5, backoff=1.0).complete(ASK)
+        assert 0.5 <= waits[0] <= 1 and 1 <= waits[1] <= 2, retry_after
 
 
 @pytest.mark.parametrize("kind", [k for k in FAULTS if k != "context_length"])
@@ -66,10 +71,34 @@ def test_each_fault_kind_is_retried_and_counted(kind):
         backend = fast_backend(server.url)
         failed = backend.complete(ASK)          # two attempts, both faulty: the turn fails
         assert failed.error.startswith(SAID[kind]) and failed.text == "" and failed.retries == 1
-        assert backend.failures == 1
+        assert backend.failures == {"scripted": 1}
         ok = backend.complete(ASK)              # a fault, then the answer
         assert (ok.text, ok.error, ok.retries, ok.finish_reason) == ("<|ACTION|>Do<|END|>", None, 1, "stop")
-        assert backend.failures == 0 and len(server.requests) == 4
+        assert backend.failures == {"scripted": 0} and len(server.requests) == 4
+
+
+def chat_completion(content="<|ACTION|>Do<|END|>", prompt_tokens=1):
+    """The body of a chat completion, bytes as the server sends them."""
+    return json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "scripted",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                    "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1, "total_tokens": 2}},
+                      ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("body,said", [
+    (chat_completion("café").replace("é".encode(), b"\xc3"), "UnicodeDecodeError: 'utf-8' codec can't decode"),
+    (chat_completion(prompt_tokens="abc"), "BadReply: the answer is not a chat completion (ValueError: invalid "
+                                           "literal for int() with base 10: 'abc')"),
+    (chat_completion(content=5), "BadReply: the answer is not a chat completion (TypeError: its content is a int)"),
+], ids=["cut_mid_character", "tokens_not_a_number", "content_not_text"])
+def test_a_body_not_utf8_or_not_a_chat_completion_is_retried(body, said):
+    """Bodies cut mid-character or with fields of the wrong type: the server's fault, retried."""
+    with ScriptedServer(faults_first(3, body)) as server:
+        backend = fast_backend(server.url)
+        failed = backend.complete(ASK)
+        assert failed.error.startswith(said) and failed.retries == 1 and backend.failures == {"scripted": 1}
+        assert backend.complete(ASK).text == "<|ACTION|>Do<|END|>" and len(server.requests) == 4
 
 
 def test_context_length_refusal_and_client_errors_are_not_retried():
@@ -90,12 +119,12 @@ def test_failed_requests_in_a_row_find_the_server_down_then_each_request_is_trie
         assert backend.complete(ASK).error and backend.complete(ASK).text == "ok"   # a success resets
         assert backend.complete(ASK).server_down is None
         down = backend.complete(ASK)           # the 2nd failed request in a row, retried like any
-        assert down.server_down.startswith(f"server {server.url} down: 2 requests in a row failed (last: "
+        assert down.server_down.startswith(f"model scripted at {server.url} down: 2 requests for it in a row failed (last: "
                                            "InternalServerError: Error code: 503")
         assert len(server.requests) == 7 and len(waits) == 3
         again = backend.complete(ASK)          # down: tried once, no wait
         assert again.server_down and again.retries == 0 and len(server.requests) == 8 and len(waits) == 3
-        assert backend.complete(ASK).text == "ok" and backend.failures == 0   # the server is back
+        assert backend.complete(ASK).text == "ok" and backend.failures == {"scripted": 0}   # it is back
 
 
 def test_a_bug_on_this_side_is_raised_not_retried(waits):
@@ -105,7 +134,7 @@ def test_a_bug_on_this_side_is_raised_not_retried(waits):
         backend = OpenAIBackend(server.url, "scripted", timeout=float("inf"))
         with pytest.raises(OverflowError):
             backend.complete(ASK)
-        assert server.requests == [] and waits == [] and backend.failures == 0
+        assert server.requests == [] and waits == [] and backend.failures == {}
 
 
 def test_a_step_survives_a_context_length_refusal(tmp_path):
@@ -187,6 +216,68 @@ def test_eval_isolates_an_episode_that_raises(tmp_path, monkeypatch, capsys):
     assert "1 episode(s) unfinished" in (out / "report.md").read_text()
 
 
+def test_a_connection_gets_ten_seconds_of_the_timeout():
+    """A dead node's packets vanish: without its own bound a connect waits for the OS's timeout."""
+    timeout = OpenAIBackend("http://127.0.0.1:9/v1", "scripted", timeout=300).client.timeout
+    assert (timeout.connect, timeout.read) == (agent.CONNECT_TIMEOUT, 300) and agent.CONNECT_TIMEOUT == 10
+
+
+def crafter_plays(tmp_path, seeds, steps, two_model=False):
+    plays = []
+    for seed in seeds:
+        env = envs.make_env("crafter", seed=seed)
+        ag = agent.make_agent("memory", env, agent.load_scaffold("v0"), tmp_path / f"m{seed}", two_model=two_model)
+        plays.append(agent.play(env, ag, seed, None, steps))
+    return plays
+
+
+def test_a_specialist_that_is_gone_ends_the_episode_though_the_base_model_answers(tmp_path, waits):
+    """vLLM restarted without the LoRA: 404 for the specialist's name only; base turns succeed in
+    between, and do not reset the specialist's count."""
+    with ScriptedServer(deterministic_model, models=("scripted",), strict=True) as server:
+        backend = fast_backend(server.url, specialist="gone-lora")
+        result, = agent.run_episodes(crafter_plays(tmp_path, [1], 10, two_model=True), backend)
+    assert isinstance(result, Unfinished) and result.reason.startswith(
+        f"ServerDown: model gone-lora at {server.url} down: 3 requests for it in a row failed (last: NotFoundError")
+    assert backend.failures == {"scripted": 0, "gone-lora": 3}
+
+
+@pytest.mark.parametrize("back", [False, True])
+def test_no_episode_starts_while_the_server_is_down_and_it_is_probed_before_the_next(tmp_path, monkeypatch, back):
+    """At concurrency 2 the server goes down: the 2 running episodes end; before episode 3 starts
+    the server is asked for a token, MAX_WAIT s apart, PROBES times; if it is not back episodes 3-4
+    are left unstarted (not burned one request each), else they run."""
+    state = {"up": True, "plans": 0}
+    waited = []
+
+    def wait(seconds):
+        waited.append(seconds)
+        state["up"] = back
+    monkeypatch.setattr(OpenAIBackend, "sleep", staticmethod(wait))
+
+    def model(body):
+        if not state["up"]:
+            return 500
+        if body["messages"][0]["content"].startswith("MEMORY UPDATE"):
+            return "<|DONE|>"
+        state["plans"] += 1
+        state["up"] = state["plans"] != 3   # down after the first 2 episodes' step 1
+        return "<|ACTION|>Do<|END|>" if state["up"] else 500
+    with ScriptedServer(model) as server:
+        backend = fast_backend(server.url, max_retries=0, max_failures=2)
+        results = agent.run_episodes(crafter_plays(tmp_path, [1, 2, 3, 4], 3), backend, concurrency=2)
+    assert all(isinstance(r, Unfinished) and r.reason.startswith("ServerDown: model scripted") for r in results[:2]), \
+        results
+    if back:
+        assert waited == [agent.MAX_WAIT] and [r["steps"] for r in results[2:]] == [3, 3]
+    else:
+        assert waited == [agent.MAX_WAIT] * (agent.PROBES - 1) and agent.PROBES == 3
+        why = f"not started: scripted at {server.url} still down"
+        assert [(r.reason, type(r.error)) for r in results[2:]] == [(why, ServerDown)] * 2
+        probes = [b for b in server.requests if b.get("max_tokens") == 1]
+        assert len(probes) == agent.PROBES and server.requests[-1] is probes[-1]   # nothing after them
+
+
 def run_eval(args, **kw):
     return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"), **kw)
@@ -210,7 +301,7 @@ def test_dead_server_ends_the_run_in_two_minutes_and_resume_finishes_it(tmp_path
     assert len(waits) == 3 * 5 and sum(waits) <= 3 * (1 + 2 + 4 + 8 + 16) < 120
     assert (folder / "ep_1.json").exists() and not (folder / "ep_2.json").exists()
     reason = (folder / "ep_2.error.txt").read_text().splitlines()[0]
-    assert reason.startswith(f"ServerDown: server {server.url} down: 3 requests in a row failed (last: "
+    assert reason.startswith(f"ServerDown: model scripted at {server.url} down: 3 requests for it in a row failed (last: "
                              "APIConnectionError: Connection error.)")
     assert f"unfinished: crafter default 2: {reason}" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
@@ -252,12 +343,24 @@ def test_a_rank_that_ends_first_with_a_failed_episode_does_not_stop_the_others(t
             time.sleep(0.5)
         return "<|ACTION|>Do<|END|>"
     r, _ = torchrun_eval(tmp_path / "r", model, 29562, "--retries", "0", "--max-failures", "1")
-    assert "2 of 3 episodes of" in r.stdout and "this one exits 0 though 1 of its episodes are unfinished" in r.stdout
+    assert "2 of 3 episodes of" in r.stdout and "this one exits 0: 1 of its episodes are unfinished" in r.stdout
     assert (folder / "ep_2.json").exists(), r.stderr[-2000:]    # rank 1 was not stopped
     summary = json.loads((tmp_path / "r/summary.json").read_text())
     assert summary["envs"]["crafter"]["seeds"] == [2, 3]
     assert [(u["seed"], u["reason"].split(":")[0]) for u in summary["unfinished"]] == [(1, "ServerDown")]
     assert r.returncode != 0 and "unfinished: crafter default 1: ServerDown" in r.stderr   # the summarizer's exit 1
+
+
+def test_a_shard_job_with_an_unfinished_episode_exits_1(tmp_path, monkeypatch):
+    """An independent --shard job (a Slurm array task) that is not the last reports its failures;
+    only a launcher's rank (WORLD_SIZE set) exits 0 for them, lest the launcher stop the others."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with ScriptedServer(lambda body: 500) as server:
+        r = run_eval(["--env", "crafter", "--seeds", "1-2", "--max-steps", "2", "--base-url", server.url,
+                      "--model", "scripted", "--out", str(tmp_path / "run"), "--shard", "0/2", "--retries", "0",
+                      "--max-failures", "1"])
+    assert "1 of 2 episodes of" in r.stdout and "this one exits 1: 1 of its episodes are unfinished" in r.stdout
+    assert r.returncode == 1 and not (tmp_path / "run/summary.json").exists()
 
 
 def test_thirty_percent_faults_of_every_kind(tmp_path):
