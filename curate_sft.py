@@ -563,27 +563,46 @@ def overall(row):
     return sum(vals) / len(vals) if vals else float("-inf")
 
 
-def heuristic_decision(env_name, iteration, why=""):
+def batch_problem(config, processes):
+    """Why `config`'s global batch cannot run on `processes` training processes (train_lora.py's
+    batch_plan refuses it then), or None."""
+    total = config["batch"] * config["grad_accum"]
+    if total % processes:
+        return f"the global batch of {total} (batch x grad_accum) does not split evenly over {processes} processes"
+    return None
+
+
+def heuristic_decision(env_name, iteration, processes=1, meta_error=None):
     """Without a meta-LLM: iteration 1 trains the authors' prior on all the judged data; iteration
     2 reuses that data with the learning rate halved and doubled, the knob LoRA SFT is most
     sensitive to (the authors' engine varies the configs and the data; the data knobs only shrink
     it, and the judged data is already what the heuristic judge keeps). loop2.sh picks the best of
-    the three; there is nothing sane left to vary after that, so a third iteration is refused."""
+    the three; there is nothing sane left to vary after that, so a third iteration is refused.
+    `meta_error`: the meta-LLM's answers were unusable, and this is the fallback."""
+    why = f"meta-LLM decision unusable twice ({meta_error}); " if meta_error else ""
     prior = parse_recipe(PRIORS[env_name])
     if iteration == 1:
-        return {"data": "regenerate", "top_pct": 100, "min_examples": DATA_MINIMUM[env_name], "configs": [prior],
-                "chosen_by": "heuristic", "reason": f"{why}no meta-LLM: iteration 1 trains the authors' "
-                                                    f"{env_name} prior on all the judged examples"}
-    if iteration == 2:
-        return {"data": "reuse", "configs": [{**prior, "lr": prior["lr"] / 2}, {**prior, "lr": prior["lr"] * 2}],
-                "chosen_by": "heuristic", "reason": f"{why}no meta-LLM: iteration 2 reuses the data with the "
-                                                    f"prior's learning rate halved and doubled"}
-    raise SystemExit(f"curate_sft.py: {why}the heuristic training engine has 2 iterations "
-                     f"(the prior, then its learning rate halved and doubled); iteration {iteration} needs the "
-                     "meta-LLM (--meta-base-url)")
+        decision = {"data": "regenerate", "top_pct": 100, "min_examples": DATA_MINIMUM[env_name], "configs": [prior],
+                    "reason": f"{why}no meta-LLM: iteration 1 trains the authors' {env_name} prior on all the "
+                              "judged examples"}
+    elif iteration == 2:
+        decision = {"data": "reuse", "configs": [{**prior, "lr": prior["lr"] / 2}, {**prior, "lr": prior["lr"] * 2}],
+                    "reason": f"{why}no meta-LLM: iteration 2 reuses the data with the prior's learning rate "
+                              "halved and doubled"}
+    elif meta_error:
+        raise SystemExit(f"curate_sft.py: the meta-LLM's decision for iteration {iteration} was unusable twice "
+                         f"({meta_error}), and the heuristic engine it falls back to has only 2 iterations: "
+                         "nothing written; a rerun asks the meta-LLM again")
+    else:
+        raise SystemExit(f"curate_sft.py: the heuristic training engine has 2 iterations (the prior, then its "
+                         f"learning rate halved and doubled); iteration {iteration} needs the meta-LLM "
+                         "(--meta-base-url)")
+    if problem := batch_problem(prior, processes):
+        raise SystemExit(f"curate_sft.py: {why}the heuristic engine trains the authors' {env_name} prior, and {problem}")
+    return {**decision, "chosen_by": "heuristic"}
 
 
-def engine_prompt(env_name, iteration, ledger, last_data):
+def engine_prompt(env_name, iteration, ledger, last_data, processes=1):
     prior = (f"The authors' prior for {env_name} (given at iteration 1 only): {json.dumps(parse_recipe(PRIORS[env_name]))}, "
              f"with at least {DATA_MINIMUM[env_name]} examples.\n" if iteration == 1 else "")
     data = "No data yet: this iteration must regenerate it.\n"
@@ -599,7 +618,8 @@ def engine_prompt(env_name, iteration, ledger, last_data):
             "min_examples (the size you want; a warning below it);\n"
             f"- configs: one or two LoRA configs, each an object with keys {list(RECIPE_KEYS)}; target is "
             f"one of {list(TARGETS)}, scheduler cosine, linear, constant or constant_with_warmup; batch x "
-            "grad_accum is the global batch (examples per optimizer step, whatever the GPU count).\n"
+            "grad_accum is the global batch (examples per optimizer step, whatever the GPU count). Training "
+            f"runs on {processes} process(es), one per GPU: the global batch must be a multiple of {processes}.\n"
             f"{prior}{data}"
             "The ledger (one row per trained config: recipe, data, loss curve as [step, loss], progression "
             "% per game and task on validation seeds, the base model's progression on the same seeds, and "
@@ -609,25 +629,36 @@ def engine_prompt(env_name, iteration, ledger, last_data):
             '"configs": [{...}, ...], "reason": "..."}')
 
 
-def decide(env_name, iteration, ledger, last_data, client=None, model=None):
-    """The next iteration's data and configs: the meta-LLM's, checked, or the heuristic's."""
+def checked_decision(d, env_name, last_data, processes):
+    """The meta-LLM's decision `d`, checked; raises ValueError saying what is wrong."""
+    if d.get("data") not in ("reuse", "regenerate") or (d["data"] == "reuse" and not last_data):
+        raise ValueError("data must be reuse (when there is data) or regenerate")
+    if not 0 < float(d.get("top_pct", 100)) <= 100 or int(d.get("min_examples", 1)) < 1:
+        raise ValueError("top_pct must lie in (0, 100] and min_examples be positive")
+    configs = d.get("configs")
+    if not isinstance(configs, list) or not 1 <= len(configs) <= 2:
+        raise ValueError("configs must hold one or two recipes")
+    configs = [check_recipe(c) for c in configs]
+    if problem := next(filter(None, (batch_problem(c, processes) for c in configs)), None):
+        raise ValueError(problem)
+    return {"data": d["data"], "top_pct": float(d.get("top_pct", 100)),
+            "min_examples": int(d.get("min_examples", DATA_MINIMUM[env_name])),
+            "configs": configs, "chosen_by": "meta-llm", "reason": str(d.get("reason", ""))}
+
+
+def decide(env_name, iteration, ledger, last_data, client=None, model=None, processes=1):
+    """The next iteration's data and configs for `processes` training processes: the meta-LLM's,
+    checked (an unusable answer is asked for again once, saying why), or the heuristic's."""
     if client is None:
-        return heuristic_decision(env_name, iteration)
-    try:
-        d = ask_json(client, model, engine_prompt(env_name, iteration, ledger, last_data))
-        if d.get("data") not in ("reuse", "regenerate") or (d["data"] == "reuse" and not last_data):
-            raise ValueError("data must be reuse (when there is data) or regenerate")
-        if not 0 < float(d.get("top_pct", 100)) <= 100 or int(d.get("min_examples", 1)) < 1:
-            raise ValueError("top_pct must lie in (0, 100] and min_examples be positive")
-        configs = d.get("configs")
-        if not isinstance(configs, list) or not 1 <= len(configs) <= 2:
-            raise ValueError("configs must hold one or two recipes")
-        return {"data": d["data"], "top_pct": float(d.get("top_pct", 100)),
-                "min_examples": int(d.get("min_examples", DATA_MINIMUM[env_name])),
-                "configs": [check_recipe(c) for c in configs], "chosen_by": "meta-llm",
-                "reason": str(d.get("reason", ""))}
-    except Exception as e:
-        return heuristic_decision(env_name, iteration, f"meta-LLM decision unusable ({type(e).__name__}: {e}); ")
+        return heuristic_decision(env_name, iteration, processes)
+    prompt, error = engine_prompt(env_name, iteration, ledger, last_data, processes), None
+    for _ in range(2):
+        try:
+            return checked_decision(ask_json(client, model, prompt), env_name, last_data, processes)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            prompt = f"{prompt}\nYour previous answer was unusable ({error}); answer again."
+    return heuristic_decision(env_name, iteration, processes, meta_error=error)
 
 
 def iterate(args, client):
@@ -640,7 +671,8 @@ def iterate(args, client):
         raise SystemExit("curate_sft.py: the runs hold no finished episode")
     env_name = episodes[0][0]
     last_data = Path(ledger[-1]["sft"]) if ledger else None
-    decision = {"iteration": iteration, **decide(env_name, iteration, ledger, last_data, client, args.meta_model)}
+    decision = {"iteration": iteration, **decide(env_name, iteration, ledger, last_data, client, args.meta_model,
+                                                   args.processes)}
     if decision["data"] == "reuse":
         out.mkdir(parents=True, exist_ok=True)
         for name in ("train.jsonl", "review_decisions.jsonl", "selection_stats.json", "selection_logic.md"):
@@ -708,7 +740,7 @@ def check_curation_args(p, args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in ("seeds", "check-seeds", "iterate", "record", "best") else None
+    command = argv[0] if argv and argv[0] in ("seeds", "check-seeds", "iterate", "record", "recorded", "best") else None
     rest = argv[1:] if command else argv
     if command == "seeds":
         p = argparse.ArgumentParser(prog="curate_sft.py seeds", description=training_seeds.__doc__)
@@ -744,6 +776,13 @@ def main(argv=None):
             p.exit(2, f"curate_sft.py record: error: {problem}\n")
         record(args.ledger, args.sft, args.recipe, args.adapter, args.run, args.baseline)
         return 0
+    if command == "recorded":
+        p = argparse.ArgumentParser(prog="curate_sft.py recorded",
+                                    description="exit 0 when the ledger holds a row for the adapter, else 1")
+        p.add_argument("--ledger", required=True)
+        p.add_argument("--adapter", required=True)
+        args = p.parse_args(rest)
+        return 0 if any(r["adapter"] == str(Path(args.adapter)) for r in read_ledger(args.ledger)) else 1
     if command == "best":
         p = argparse.ArgumentParser(prog="curate_sft.py best", description="the adapter of the best ledger row")
         p.add_argument("--ledger", required=True)
@@ -755,7 +794,11 @@ def main(argv=None):
     p = curation_parser("curate_sft.py" + (f" {command}" if command else ""))
     if command == "iterate":
         p.add_argument("--ledger", required=True)
+        p.add_argument("--processes", type=int, default=1,
+                       help="training processes (GPUs): every config's global batch must split over them")
         args = p.parse_args(rest)
+        if args.processes < 1:
+            p.exit(2, "curate_sft.py iterate: error: --processes must be positive\n")
         client = check_curation_args(p, args)
         try:
             return iterate(args, client)

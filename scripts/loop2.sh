@@ -32,7 +32,11 @@ BASE_URL=${BASE_URL:-}                        # an OpenAI-compatible server (vLL
                                               # adapter is loaded into it (README: serving); empty: HF
 TRAIN_ARGS=${TRAIN_ARGS:-}                    # extra train_lora.py flags, e.g. "--save-every 50 --qlora"
 LAUNCH=${LAUNCH:-}                            # training: e.g. "accelerate launch --config_file scripts/accelerate/fsdp.yaml"
-                                              # or "torchrun --nproc_per_node 8"; empty: one process
+                                              # or "torchrun --nproc_per_node 8"; empty: one process ($PYTHON).
+                                              # torchrun / accelerate run the python they were installed with
+                                              # (PATH's), not $PYTHON: use "$PYTHON -m torch.distributed.run" otherwise
+PROCESSES=${PROCESSES:-}                      # training processes; empty: LAUNCH's --nproc_per_node or
+                                              # --num_processes, else its --config_file's num_processes, else 1
 EVAL_LAUNCH=${EVAL_LAUNCH:-}                  # HF evaluation (no BASE_URL): e.g. "torchrun --nproc_per_node 8"
                                               # splits the episodes, and each process loads the whole model
                                               # (eval does not shard: not LAUNCH's FSDP config); empty: one process
@@ -40,6 +44,13 @@ RUNS=${RUNS:-runs/loop2_${ENV_NAME}}
 SFT=${SFT:-sft/loop2_${ENV_NAME}}
 ADAPTERS=${ADAPTERS:-adapters/loop2_${ENV_NAME}}
 # -------------------------------------------------------------------------------------------------
+
+if [ -z "$PROCESSES" ]; then   # the engine must pick global batches that split over them
+  PROCESSES=1
+  [[ $LAUNCH =~ --config_file[=\ ]+([^ ]+) ]] && [ -f "${BASH_REMATCH[1]}" ] \
+    && PROCESSES=$(sed -n 's/^num_processes: *\([0-9]*\).*/\1/p' "${BASH_REMATCH[1]}" | grep . || echo 1)
+  [[ $LAUNCH =~ --(nproc[_-]per[_-]node|num[_-]processes)[=\ ]+([0-9]+) ]] && PROCESSES=${BASH_REMATCH[2]}
+fi
 
 launch() {  # launch LAUNCHER SCRIPT ARGS...: accelerate launch and torchrun take the script itself
   local how=$1; shift
@@ -57,13 +68,13 @@ evaluate() {  # evaluate <out> <seeds> [specialist adapter]
     launch "$EVAL_LAUNCH" eval.py "${args[@]}"
   else  # the server plays; a specialist is its adapter, loaded under a name its weights fix
     if [ -n "${3:-}" ]; then
-      local name hash served
+      local name hash served request
       hash=$(sha256sum "$3/adapter_model.safetensors") || exit 1
       name="${ENV_NAME}-${hash:0:12}"
       served=$(curl -sf "$BASE_URL/models" || true)
       if [[ "$served" != *"\"$name\""* ]]; then   # a listed name holds these very weights
-        curl -sf -X POST "$BASE_URL/load_lora_adapter" -H "Content-Type: application/json" \
-          -d "{\"lora_name\": \"$name\", \"lora_path\": \"$(realpath "$3")\"}" > /dev/null \
+        request=$("$PYTHON" -c 'import json, os, sys; print(json.dumps({"lora_name": sys.argv[1], "lora_path": os.path.realpath(sys.argv[2])}))' "$name" "$3")
+        curl -sf -X POST "$BASE_URL/load_lora_adapter" -H "Content-Type: application/json" -d "$request" > /dev/null \
           || { echo "loop2.sh: the server at $BASE_URL did not load $3 as $name" >&2; exit 1; }
       fi
       args+=(--specialist "$name")
@@ -94,10 +105,10 @@ engine=(--judge heuristic)
 for i in $(seq 1 "$ITERATIONS"); do
   data="$SFT/iter$i"
   [ -f "$data/decision.json" ] || "$PYTHON" curate_sft.py iterate "${runs[@]}" --scaffold "$SCAFFOLD" \
-      --ledger "$ledger" --out "$data" "${engine[@]}"
+      --ledger "$ledger" --out "$data" --processes "$PROCESSES" "${engine[@]}"
   for recipe in "$data"/recipe_*.json; do
     name="iter${i}_$(basename "$recipe" .json)"
-    grep -q "\"adapter\": \"$ADAPTERS/$name\"" "$ledger" 2>/dev/null && continue   # done in an earlier run
+    "$PYTHON" curate_sft.py recorded --ledger "$ledger" --adapter "$ADAPTERS/$name" && continue  # done in an earlier run
     launch "$LAUNCH" train_lora.py --model "$MODEL" --data "$data/train.jsonl" --recipe "$recipe" \
         --out "$ADAPTERS/$name" --resume $TRAIN_ARGS
     evaluate "$RUNS/val_$name" "$VAL_SEEDS" "$ADAPTERS/$name"

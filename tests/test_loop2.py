@@ -705,6 +705,43 @@ def test_the_benchmark_target_and_its_search_measure(tmp_path):
     assert len(searches) == 3 * 3 and asks == 1.0 and constant < 1.0 and common in bench.NOTED
 
 
+def test_engine_asks_again_once_for_a_usable_decision_that_splits_over_the_processes():
+    """The meta-LLM is told the process count; a global batch that does not split over it (2 x 3
+    on 4 GPUs: train_lora.py would refuse it) is asked for again once, saying why. Two unusable
+    answers fall back to the heuristic, whose third iteration then says so, not "pass
+    --meta-base-url"; the heuristic's prior (32 per step) does not split over 3 processes."""
+    small = {"rank": 4, "alpha": 8, "dropout": 0.0, "lr": 1e-3, "epochs": 1, "batch": 2, "grad_accum": 3,
+             "cutoff": 2048, "scheduler": "cosine", "warmup": 0.0, "target": "ATTN"}
+    answers = [{"data": "regenerate", "configs": [small], "reason": "odd"},
+               {"data": "regenerate", "configs": [{**small, "grad_accum": 2}], "reason": "even"}, "no JSON", "{}"]
+    with ScriptedServer(lambda body: json.dumps(answers.pop(0))) as server:
+        client = cs.meta_client(server.url)
+        d = cs.decide("crafter", 1, [], None, client, "meta", processes=4)
+        assert d["chosen_by"] == "meta-llm" and d["configs"] == [{**small, "grad_accum": 2}] and d["reason"] == "even"
+        first, again = [b["messages"][0]["content"] for b in server.requests]
+        assert "Training runs on 4 process(es), one per GPU: the global batch must be a multiple of 4." in first
+        assert again == first + ("\nYour previous answer was unusable (ValueError: the global batch of 6 (batch x "
+                                 "grad_accum) does not split evenly over 4 processes); answer again.")
+        answers[:] = ["no JSON", "{}"] * 2
+        d = cs.decide("crafter", 1, [], None, client, "meta", processes=2)
+        assert d["chosen_by"] == "heuristic" and d["reason"].startswith("meta-LLM decision unusable twice (")
+        with pytest.raises(SystemExit, match=r"iteration 3 was unusable twice .* a rerun asks the meta-LLM again$"):
+            cs.decide("crafter", 3, [], None, client, "meta")
+        assert len(server.requests) == 6
+    with pytest.raises(SystemExit, match=r"crafter prior, and the global batch of 32 .* over 3 processes$"):
+        cs.decide("crafter", 1, [], None, processes=3)
+
+
+def test_recorded_finds_an_adapter_whatever_its_path(tmp_path):
+    """loop2.sh skips a config whose adapter has a ledger row; json.dumps escapes non-ASCII paths,
+    so the lookup reads the ledger rather than grepping it."""
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text(json.dumps({"adapter": "adapters/é [1]/iter1_recipe_1"}) + "\n")
+    assert cs.main(["recorded", "--ledger", str(ledger), "--adapter", "adapters/é [1]/iter1_recipe_1"]) == 0
+    assert cs.main(["recorded", "--ledger", str(ledger), "--adapter", "adapters/é [1]/iter1_recipe_2"]) == 1
+    assert cs.main(["recorded", "--ledger", str(tmp_path / "none.jsonl"), "--adapter", "a"]) == 1
+
+
 # ---------------------------------------------------------------- the loop ---------------------
 
 def served_name(adapter):
