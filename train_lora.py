@@ -51,6 +51,8 @@ TARGET_MODULES = {
 }
 IGNORE = -100   # the label transformers' causal-LM loss skips
 GIB = 2 ** 30
+GPU_USABLE = 0.9   # share of a GPU's memory the estimate may fill: it leaves out the CUDA context,
+                   # the allocator's fragmentation and NCCL buffers, a few GiB on an 80 GB GPU
 
 
 def assistant_labels(tok, messages, cutoff):
@@ -167,7 +169,7 @@ def batch_plan(config, recipe, counts, seq_len, processes, gpu_bytes=None, micro
     """How the recipe's global batch runs on `processes` processes: (plan, memory estimate). The
     global batch, batch x grad_accum examples per optimizer step, is the same at any process
     count. Each process takes micro-batches of the recipe's batch (or fewer: it must divide the
-    process's share), lowered until the estimate fits `gpu_bytes`, with gradient accumulation
+    process's share), lowered until the estimate fits GPU_USABLE of `gpu_bytes`, with gradient accumulation
     making up the rest; `micro_batch` forces one. `how`: memory_estimate's sharding and precision.
     Raises ValueError, in one line, when the global batch does not split or nothing fits."""
     total = recipe["batch"] * recipe["grad_accum"]
@@ -180,10 +182,10 @@ def batch_plan(config, recipe, counts, seq_len, processes, gpu_bytes=None, micro
     sizes = [micro_batch] if micro_batch else [m for m in range(min(recipe["batch"], share), 0, -1) if share % m == 0]
     for m in sizes:
         est = memory_estimate(config, counts, m, seq_len, processes, **how)
-        if micro_batch or gpu_bytes is None or est["total"] <= gpu_bytes:
+        if micro_batch or gpu_bytes is None or est["total"] <= GPU_USABLE * gpu_bytes:
             return {"global_batch": total, "micro_batch": m, "grad_accum": share // m, "processes": processes}, est
     raise ValueError(f"even a micro-batch of 1 needs about {est['total'] / GIB:.1f} GiB per process, more than "
-                     f"the GPU's {gpu_bytes / GIB:.1f} GiB: use more GPUs with sharding, --qlora or a shorter cutoff")
+                     f"{GPU_USABLE:.0%} of the GPU's {gpu_bytes / GIB:.1f} GiB: use more GPUs with sharding, --qlora or a shorter cutoff")
 
 
 def print_estimate(est, counts, how):
