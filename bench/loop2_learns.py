@@ -105,7 +105,7 @@ def plan_searches(run):
                           None) if turns else None
             if search:
                 _, facing, seen = view(turns[0]["messages"][0]["content"])
-                situation = (env_name, task, seed, facing, tuple(sorted((n, thing) for n, thing, _ in seen)))
+                situation = (env_name, task, seed, facing, tuple(sorted(seen)))
                 if situation not in situations:
                     situations.add(situation)
                     out.append((search["args"][1].strip().lower(), right_queries(facing, seen)))
