@@ -1275,8 +1275,8 @@ FAULTS = ("http_500", "http_503", "http_429", "drop", "cut", "not_json", "no_cho
 
 class ScriptedServer:
     """Serves /v1/chat/completions on 127.0.0.1. `reply(body)` returns the assistant text, raw
-    bytes for the answer's body, a
-    message dict (e.g. with tool_calls), an int HTTP status to fail with, or one of FAULTS: an
+    bytes for the answer's body, a message dict (e.g. with tool_calls), an int HTTP status to
+    fail with, or one of FAULTS: an
     HTTP error (`http_NNN`; a 429 / 503 says Retry-After `retry_after` s when that is given), a
     dropped connection, an answer cut off mid-body, a body that is not JSON, an answer without
     `choices` or `usage`, a stall of `stall` s (past the client's timeout) before dropping, or a
@@ -1322,6 +1322,7 @@ class ScriptedServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                prompt = sum(len(str(m.get("content") or "")) for m in body.get("messages", [])) // 4  # ~tokens
                 with server._lock:
                     server.requests.append(body)
                 if server.delay:
@@ -1343,15 +1344,13 @@ class ScriptedServer:
                 if out == "not_json":
                     return self._send(200, None, b"<html><body>502 Bad Gateway</body></html>")
                 if out == "context_length":
-                    n = sum(len(str(m.get("content") or "")) for m in body.get("messages", [])) // 4
                     return self._send(400, {"error": {
                         "message": f"'max_tokens' or 'max_completion_tokens' is too large: {body.get('max_tokens')}. "
-                                   f"This model's maximum context length is {n} tokens and your request has {n} "
-                                   f"input tokens ({body.get('max_tokens')} > {n} - {n}). None",
+                                   f"This model's maximum context length is {prompt} tokens and your request has "
+                                   f"{prompt} input tokens ({body.get('max_tokens')} > {prompt} - {prompt}). None",
                         "type": "BadRequestError", "param": None, "code": 400}})
                 message = out if isinstance(out, dict) else {"role": "assistant", "content": out}
                 message.setdefault("role", "assistant")
-                prompt = sum(len(str(m.get("content") or "")) for m in body.get("messages", [])) // 4
                 completion = len(message.get("content") or "") // 4
                 answer = {
                     "id": "chatcmpl-scripted", "object": "chat.completion", "created": int(time.time()),
