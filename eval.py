@@ -408,19 +408,19 @@ def overall(per_env):
             "stderr": math.sqrt(sum(e["stderr"] ** 2 for e in per_env)) / k, "n_envs": k}
 
 
-def _ranges(numbers):
-    """[42, 43, 44, 50] -> '42-44, 50'."""
+def seed_ranges(numbers, sep=", "):
+    """[42, 43, 44, 50] -> '42-44, 50' (loop #1's log writes them with sep=",")."""
     spans = []
     for n in sorted(numbers):
         if spans and n == spans[-1][1] + 1:
             spans[-1][1] = n
         else:
             spans.append([n, n])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return sep.join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _episodes_text(env_name, episodes):
-    text = f"{len(episodes)} episode{'s' * (len(episodes) != 1)}, seeds {_ranges({s for _, s in episodes})}"
+    text = f"{len(episodes)} episode{'s' * (len(episodes) != 1)}, seeds {seed_ranges({s for _, s in episodes})}"
     if len(envs.TASKS[env_name]) > 1:
         text += f" on {len({t for t, _ in episodes})} of {len(envs.TASKS[env_name])} tasks"
     return text

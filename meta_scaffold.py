@@ -1006,12 +1006,8 @@ def power(args):
 # ---------------------------------------------------------------------------------------------
 
 def seed_ranges(seeds):
-    """[100, 101, 102, 105] -> '100-102,105'."""
-    seeds, out = sorted(seeds), []
-    for _, group in itertools.groupby(enumerate(seeds), lambda p: p[1] - p[0]):
-        g = [s for _, s in group]
-        out.append(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]))
-    return ",".join(out)
+    """[100, 101, 102, 105] -> '100-102,105', as the loop's log records them."""
+    return ev.seed_ranges(seeds, sep=",")
 
 
 def seed_clash(gate, report):
