@@ -286,9 +286,13 @@ def unfinished_reason(run, env_name, task, seed):
 
 
 def planned_episodes(config):
-    """(env, task, seed) of every episode a run's config asks for."""
+    """(env, task, seed) of every episode a run's config asks for. A game's seeds are its own
+    (`--env all` on the paper's seeds: Crafter 42-51, the others 42-46); configs written before
+    `seeds_by_env` give every game all the run's seeds."""
     by_task = {t: e for e in envs.ENVS for t in envs.TASKS[e]}
-    return [(by_task[t], t, s) for t in config.get("tasks", []) for s in config.get("seeds", [])]
+    seeds = config.get("seeds_by_env", {})
+    return [(by_task[t], t, s) for t in config.get("tasks", [])
+            for s in seeds.get(by_task[t], config.get("seeds", []))]
 
 
 def finished_episodes(run):
@@ -404,19 +408,19 @@ def overall(per_env):
             "stderr": math.sqrt(sum(e["stderr"] ** 2 for e in per_env)) / k, "n_envs": k}
 
 
-def _ranges(numbers):
-    """[42, 43, 44, 50] -> '42-44, 50'."""
+def seed_ranges(numbers, sep=", "):
+    """[42, 43, 44, 50] -> '42-44, 50' (loop #1's log writes them with sep=",")."""
     spans = []
     for n in sorted(numbers):
         if spans and n == spans[-1][1] + 1:
             spans[-1][1] = n
         else:
             spans.append([n, n])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return sep.join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _episodes_text(env_name, episodes):
-    text = f"{len(episodes)} episode{'s' * (len(episodes) != 1)}, seeds {_ranges({s for _, s in episodes})}"
+    text = f"{len(episodes)} episode{'s' * (len(episodes) != 1)}, seeds {seed_ranges({s for _, s in episodes})}"
     if len(envs.TASKS[env_name]) > 1:
         text += f" on {len({t for t, _ in episodes})} of {len(envs.TASKS[env_name])} tasks"
     return text
@@ -726,6 +730,7 @@ def make_config(args, scaffold, jobs):
     return {
         "env": args.env, "tasks": sorted({t for _, t, _ in jobs}),
         "seeds": sorted({s for _, _, s in jobs}), "episodes": len(jobs),
+        "seeds_by_env": {e: sorted({s for e2, _, s in jobs if e2 == e}) for e in dict.fromkeys(e for e, _, _ in jobs)},
         "scaffold": scaffold.name, "scaffold_path": str(scaffold.path),
         "scaffold_hash": scaffold.content_hash(), "agent": args.agent, "model": args.model,
         "base_url": args.base_url, "specialist": args.specialist,
@@ -756,7 +761,7 @@ def prepare_run(args, scaffold, jobs, shared):
             raise UsageError(f"{out} already holds a run: pass --resume to continue it, or another --out")
         prev = json.loads(old.read_text())
         # processes of one run must also plan the same episodes, or their shares would not add up
-        changed = [k for k in RESUME_KEYS + (("tasks", "seeds") if shared else ()) if prev.get(k) != config.get(k)]
+        changed = [k for k in RESUME_KEYS + (("tasks", "seeds", "seeds_by_env") if shared else ()) if prev.get(k) != config.get(k)]
         if changed:
             raise UsageError(f"{'--resume' if args.resume else 'this process'}: {out} was run with other "
                              f"settings ({', '.join(changed)})")

@@ -793,7 +793,7 @@ def propose(args):
 
     parent = agent_mod.load_scaffold(args.scaffold)
     run = Path(args.run)
-    games = sorted({(e, t) for e, t, _ in planned_episodes(settings(run))})
+    games = sorted({(e, t) for e, t, _ in ev.planned_episodes(settings(run))})
     out = (Path(args.out) if args.out else agent_mod.SCAFFOLDS / next_version()).resolve()
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -869,11 +869,6 @@ def settings(run):
     return json.loads((Path(run) / "config.json").read_text())
 
 
-def planned_episodes(cfg):
-    return ev.plan_jobs(argparse.Namespace(env=cfg["env"], tasks=cfg.get("tasks"), episodes=None,
-                                           seeds=",".join(map(str, cfg["seeds"]))))
-
-
 def _short(value):
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -891,7 +886,7 @@ def not_comparable(base, cand):
 
 
 def unfinished(run):
-    missing = sorted(set(planned_episodes(settings(run))) - set(ev.finished_episodes(run)))
+    missing = sorted(set(ev.planned_episodes(settings(run))) - set(ev.finished_episodes(run)))
     if missing:
         return (f"{run} has {len(missing)} unfinished episode(s) (e.g. {'/'.join(map(str, missing[0]))}): "
                 "finish it with eval.py --resume")
@@ -1011,12 +1006,8 @@ def power(args):
 # ---------------------------------------------------------------------------------------------
 
 def seed_ranges(seeds):
-    """[100, 101, 102, 105] -> '100-102,105'."""
-    seeds, out = sorted(seeds), []
-    for _, group in itertools.groupby(enumerate(seeds), lambda p: p[1] - p[0]):
-        g = [s for _, s in group]
-        out.append(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]))
-    return ",".join(out)
+    """[100, 101, 102, 105] -> '100-102,105', as the loop's log records them."""
+    return ev.seed_ranges(seeds, sep=",")
 
 
 def seed_clash(gate, report):
@@ -1104,14 +1095,14 @@ def loop_report(log):
     accepted = {e["candidate"]: e for e in gated if e["accept"]}
     alphas = sorted({e["alpha"] for e in gated})
     lines = [f"# Loop #1: {g0['env']}, model {g0['model']}", "",
-             f"Gate seeds {seed_ranges(g0['seeds'])} ({len(planned_episodes(g0))} episodes per version): every "
+             f"Gate seeds {seed_ranges(g0['seeds'])} ({len(ev.planned_episodes(g0))} episodes per version): every "
              f"decision was taken on them ({TEST}, alpha {', '.join(f'{a:g}' for a in alphas) or '-'} "
              "per attempt), so their numbers are biased upward by selection.",
              loop_alpha_line(events, alphas),
              "Limitation: the meta-LLM read the gate runs' traces and was then gated on the same seeds "
              "(adaptive selection; a revision can fit those seeds' worlds), so the gate's alpha is optimistic; "
              "the report seeds were never shown to it.",
-             f"Report seeds {seed_ranges(r0['seeds'])} ({len(planned_episodes(r0))} episodes per version): "
+             f"Report seeds {seed_ranges(r0['seeds'])} ({len(ev.planned_episodes(r0))} episodes per version): "
              "evaluated once, after the loop, for the accepted versions only. These are the numbers to report.",
              f"Attempts: {sum(e['event'] in ('gated', 'invalid') for e in events)} "
              f"({len(accepted)} accepted, {sum(not e['accept'] for e in gated)} rejected by the gate, "

@@ -278,6 +278,21 @@ def test_protocol_defaults_are_the_papers(tmp_path):
     assert sent == {"model", "messages", "max_tokens", "temperature"}     # as BALROG: no top_p
 
 
+def test_a_run_plans_each_games_own_seeds():
+    """`--env all` on the paper's seeds: Crafter 42-51, MiniHack and NetHack 42-46. The union of
+    seeds given to every game would plan 100 episodes for the 55 run, and every summary (and the
+    gate) would then call 45 of them unfinished."""
+    args = ev.build_parser().parse_args(["--env", "all"])
+    args.max_new_tokens = 16
+    jobs = ev.plan_jobs(args)
+    cfg = ev.make_config(args, agent_mod.load_scaffold("v0"), jobs)
+    assert len(jobs) == 55 and sorted(ev.planned_episodes(cfg)) == sorted(jobs)
+    assert len(ev.planned_episodes({k: v for k, v in cfg.items() if k != "seeds_by_env"})) == 100   # the old rule
+    one = ev.make_config(ev.build_parser().parse_args(["--env", "crafter", "--seeds", "3,5"]), agent_mod.load_scaffold("v0"),
+                         [("crafter", "default", 3), ("crafter", "default", 5)])
+    assert ev.planned_episodes(one) == [("crafter", "default", 3), ("crafter", "default", 5)]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--env", "doom"], "unknown env 'doom'"),
     (["--env", "crafter", "--scaffold", "v77"], "unknown scaffold 'v77'"),
