@@ -564,11 +564,12 @@ def overall(row):
 
 
 def batch_problem(config, processes):
-    """Why `config`'s global batch cannot run on `processes` training processes (train_lora.py's
-    batch_plan refuses it then), or None."""
+    """Why `config`'s global batch cannot run on `processes` training processes, or None: the one
+    rule both the training engine's decisions and train_lora.py's batch_plan apply."""
     total = config["batch"] * config["grad_accum"]
     if total % processes:
-        return f"the global batch of {total} (batch x grad_accum) does not split evenly over {processes} processes"
+        return (f"the global batch of {total} examples (batch x grad_accum) does not split evenly over "
+                f"{processes} processes")
     return None
 
 
