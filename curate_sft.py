@@ -166,6 +166,15 @@ def consultation(turns):
     return out
 
 
+def memory_turns(record):
+    """(phase, routine, turns, ops) for each LOG routine and PLAN consultation of a step record that
+    holds model output (a failed backend wrote nothing); `ops`: those of its turns, in order."""
+    for phase, routine in ev.routines(record):
+        turns = consultation(routine["turns"])
+        if phase in ("log", "plan") and turns:
+            yield phase, routine, turns, [op for t in turns for op in t.get("ops", [])]
+
+
 def memory_ops(ops):
     """The well-formed ops among traced ones that read or write memory (a scaffold's own included)."""
     return [op for op in ops if not op.get("error") and ev.op_kind(op) in ("read", "write")]
@@ -195,11 +204,7 @@ def candidates(run):
         final = records[-1]["progression"] if records else 0.0
         for t, r in enumerate(records):
             ahead = records[min(t + FOLLOW_STEPS, len(records) - 1)]
-            for phase, routine in ev.routines(r):
-                turns = consultation(routine["turns"])
-                if phase not in ("log", "plan") or not turns:   # memory turns only, model output only
-                    continue
-                ops = [op for tu in turns for op in tu.get("ops", [])]
+            for phase, routine, turns, ops in memory_turns(r):
                 kinds = [ev.op_kind(op) for op in memory_ops(ops)]
                 first_write = next((i for i, k in enumerate(kinds) if k == "write"), None)
                 features = {
@@ -231,12 +236,9 @@ def valid_op_share(run):
     hits, total = Counter(), Counter()
     for env_name, task, seed in ev.finished_episodes(run):
         for r in ev.iter_trace(ev.episode_paths(run, env_name, task, seed)[0]):
-            for phase, routine in ev.routines(r):
-                turns = consultation(routine["turns"])
-                if phase not in ("log", "plan") or not turns:   # a failed backend wrote nothing to count
-                    continue
+            for phase, _, _, ops in memory_turns(r):
                 total[phase] += 1
-                hits[phase] += bool(memory_ops([op for t in turns for op in t.get("ops", [])]))
+                hits[phase] += bool(memory_ops(ops))
     share = {p: hits[p] / total[p] if total[p] else None for p in ("log", "plan")}
     n = sum(total.values())
     return {**share, "all": sum(hits.values()) / n if n else None, "routines": n}
