@@ -9,6 +9,7 @@ a LoRA memory specialist; decide each iteration's data and LoRA configs from the
     python curate_sft.py iterate --run R --ledger sft/ledger.jsonl --out sft/iter2 [...]
     python curate_sft.py record --ledger L --sft sft/iter2 --recipe sft/iter2/recipe_1.json \\
         --adapter adapters/iter2_recipe_1 --run runs/val_iter2_recipe_1 [--baseline runs/val_base]
+    python curate_sft.py recorded --ledger L --adapter A # exit 0 when the ledger has a row for A
     python curate_sft.py best --ledger L                 # the adapter of the best ledger row
 
 Curation. Candidates are every LOG routine and every PLAN consultation in the traces, as the exact
