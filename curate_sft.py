@@ -9,6 +9,7 @@ a LoRA memory specialist; decide each iteration's data and LoRA configs from the
     python curate_sft.py iterate --run R --ledger sft/ledger.jsonl --out sft/iter2 [...]
     python curate_sft.py record --ledger L --sft sft/iter2 --recipe sft/iter2/recipe_1.json \\
         --adapter adapters/iter2_recipe_1 --run runs/val_iter2_recipe_1 [--baseline runs/val_base]
+    python curate_sft.py recorded --ledger L --adapter A # exit 0 when the ledger has a row for A
     python curate_sft.py best --ledger L                 # the adapter of the best ledger row
 
 Curation. Candidates are every LOG routine and every PLAN consultation in the traces, as the exact
@@ -166,6 +167,15 @@ def consultation(turns):
     return out
 
 
+def memory_turns(record):
+    """(phase, routine, turns, ops) for each LOG routine and PLAN consultation of a step record that
+    holds model output (a failed backend wrote nothing); `ops`: those of its turns, in order."""
+    for phase, routine in ev.routines(record):
+        turns = consultation(routine["turns"])
+        if phase in ("log", "plan") and turns:
+            yield phase, routine, turns, [op for t in turns for op in t.get("ops", [])]
+
+
 def memory_ops(ops):
     """The well-formed ops among traced ones that read or write memory (a scaffold's own included)."""
     return [op for op in ops if not op.get("error") and ev.op_kind(op) in ("read", "write")]
@@ -195,11 +205,7 @@ def candidates(run):
         final = records[-1]["progression"] if records else 0.0
         for t, r in enumerate(records):
             ahead = records[min(t + FOLLOW_STEPS, len(records) - 1)]
-            for phase, routine in ev.routines(r):
-                turns = consultation(routine["turns"])
-                if phase not in ("log", "plan") or not turns:   # memory turns only, model output only
-                    continue
-                ops = [op for tu in turns for op in tu.get("ops", [])]
+            for phase, routine, turns, ops in memory_turns(r):
                 kinds = [ev.op_kind(op) for op in memory_ops(ops)]
                 first_write = next((i for i, k in enumerate(kinds) if k == "write"), None)
                 features = {
@@ -231,12 +237,9 @@ def valid_op_share(run):
     hits, total = Counter(), Counter()
     for env_name, task, seed in ev.finished_episodes(run):
         for r in ev.iter_trace(ev.episode_paths(run, env_name, task, seed)[0]):
-            for phase, routine in ev.routines(r):
-                turns = consultation(routine["turns"])
-                if phase not in ("log", "plan") or not turns:   # a failed backend wrote nothing to count
-                    continue
+            for phase, _, _, ops in memory_turns(r):
                 total[phase] += 1
-                hits[phase] += bool(memory_ops([op for t in turns for op in t.get("ops", [])]))
+                hits[phase] += bool(memory_ops(ops))
     share = {p: hits[p] / total[p] if total[p] else None for p in ("log", "plan")}
     n = sum(total.values())
     return {**share, "all": sum(hits.values()) / n if n else None, "routines": n}
@@ -564,11 +567,12 @@ def overall(row):
 
 
 def batch_problem(config, processes):
-    """Why `config`'s global batch cannot run on `processes` training processes (train_lora.py's
-    batch_plan refuses it then), or None."""
+    """Why `config`'s global batch cannot run on `processes` training processes, or None: the one
+    rule both the training engine's decisions and train_lora.py's batch_plan apply."""
     total = config["batch"] * config["grad_accum"]
     if total % processes:
-        return f"the global batch of {total} (batch x grad_accum) does not split evenly over {processes} processes"
+        return (f"the global batch of {total} examples (batch x grad_accum) does not split evenly over "
+                f"{processes} processes")
     return None
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 import agent as agent_mod
-from curate_sft import check_recipe
+from curate_sft import batch_problem, check_recipe
 
 TARGET_MODULES = {
     "ATTN": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -172,11 +172,10 @@ def batch_plan(config, recipe, counts, seq_len, processes, gpu_bytes=None, micro
     process's share), lowered until the estimate fits GPU_USABLE of `gpu_bytes`, with gradient accumulation
     making up the rest; `micro_batch` forces one. `how`: memory_estimate's sharding and precision.
     Raises ValueError, in one line, when the global batch does not split or nothing fits."""
+    if problem := batch_problem(recipe, processes):   # the rule the training engine's decisions obey
+        raise ValueError(problem)
     total = recipe["batch"] * recipe["grad_accum"]
-    share, rest = divmod(total, processes)
-    if rest or not share:
-        raise ValueError(f"the global batch of {total} examples (recipe batch x grad_accum) does not split "
-                         f"evenly over {processes} processes")
+    share = total // processes
     if micro_batch and share % micro_batch:
         raise ValueError(f"--micro-batch {micro_batch} does not divide the {share} examples per process and step")
     sizes = [micro_batch] if micro_batch else [m for m in range(min(recipe["batch"], share), 0, -1) if share % m == 0]

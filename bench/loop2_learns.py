@@ -100,7 +100,7 @@ def plan_searches(run):
     out, situations = [], set()
     for env_name, task, seed in ev.finished_episodes(run):
         for r in ev.iter_trace(ev.episode_paths(run, env_name, task, seed)[0]):
-            turns = cs.consultation(r["plan"]["turns"]) if r.get("plan") else []
+            turns = next((turns for phase, _, turns, _ in cs.memory_turns(r) if phase == "plan"), None)
             search = next((op for op in turns[0].get("ops", []) if op["op"] == "SEARCH" and not op.get("error")),
                           None) if turns else None
             if search:

@@ -730,7 +730,7 @@ def test_engine_asks_again_once_for_a_usable_decision_that_splits_over_the_proce
         assert d["chosen_by"] == "meta-llm" and d["configs"] == [{**small, "grad_accum": 2}] and d["reason"] == "even"
         first, again = [b["messages"][0]["content"] for b in server.requests]
         assert "Training runs on 4 process(es), one per GPU: the global batch must be a multiple of 4." in first
-        assert again == first + ("\nYour previous answer was unusable (ValueError: the global batch of 6 (batch x "
+        assert again == first + ("\nYour previous answer was unusable (ValueError: the global batch of 6 examples (batch x "
                                  "grad_accum) does not split evenly over 4 processes); answer again.")
         answers[:] = ["no JSON", "{}"] * 2
         d = cs.decide("crafter", 1, [], None, client, "meta", processes=2)
