@@ -879,8 +879,9 @@ def not_comparable(base, cand):
     if problem := ev.not_a_run([base, cand]):
         return problem
     a, b = settings(base), settings(cand)
+    free = GATE_FREE + (ev.PLAN_KEYS if ev.same_plan(a, b) else ())
     for key in sorted(set(a) | set(b)):
-        if key not in GATE_FREE and a.get(key) != b.get(key):
+        if key not in free and a.get(key) != b.get(key):
             return f"the runs differ in {key} ({_short(a.get(key))} vs {_short(b.get(key))}): only the scaffold may differ"
     return unfinished(base) or unfinished(cand)
 
