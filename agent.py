@@ -544,6 +544,8 @@ class BalrogAgent:
 
 def make_agent(kind, env, scaffold=None, memory_dir=None, two_model=False):
     if kind == "memory":
+        if scaffold.plays_problem([env.name]):
+            raise ScaffoldError(scaffold.plays_problem([env.name]))
         return PolicyAgent(scaffold, env, memory_dir, two_model)
     if kind in BALROG_AGENTS:
         return BalrogAgent(kind, env)

@@ -709,6 +709,8 @@ def check_args(args):
     except agent_mod.ScaffoldError as e:
         raise UsageError(str(e))
     jobs = plan_jobs(args)
+    if args.agent == "memory" and scaffold.plays_problem(sorted({e for e, _, _ in jobs})):
+        raise UsageError(scaffold.plays_problem(sorted({e for e, _, _ in jobs})) + ": choose its --env")
     if any(e == "minihack" and "Boxoban" in t for e, t, _ in jobs):
         try:
             envs._boxoban_folder()

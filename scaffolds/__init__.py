@@ -27,6 +27,7 @@ import threading
 import types
 from pathlib import Path
 
+from envs import ENVS
 from memory_fs import ALL_OPS, builtin_kind, name_problem
 
 SCAFFOLDS = Path(__file__).resolve().parent
@@ -298,6 +299,18 @@ class Scaffold:
     def limits(self):
         return self.config["limits"]
 
+    @property
+    def games(self):
+        """The games this scaffold plays (scaffold.json `games`; every game when it names none)."""
+        return tuple(self.config.get("games", ENVS))
+
+    def plays_problem(self, env_names):
+        """Why this scaffold cannot play all of `env_names` (one line), or None."""
+        others = [e for e in env_names if e not in self.games]
+        if not others:
+            return None
+        return f"scaffold {self.name} plays {', '.join(self.games)}, not {', '.join(others)}"
+
     def limit(self, key):
         """A step limit (STEP_LIMITS): scaffold.json's, else the default."""
         return self.limits.get(key, STEP_LIMITS[key])
@@ -420,6 +433,9 @@ def _read_config(path, fail):
     for key in ("ops", "limits", "fallback_action", "initial_files"):
         if not isinstance(config.get(key), dict):
             fail("scaffold.json", f"missing key {key!r} (an object)")
+    games = config.get("games", list(ENVS))
+    if not (isinstance(games, list) and games and all(g in ENVS for g in games)):
+        fail("scaffold.json games", f"a non-empty list of games from {list(ENVS)}, got {games!r}")
     for key in MEMORY_LIMITS:
         if key not in config["limits"]:
             fail("scaffold.json limits", f"missing {key!r}")
