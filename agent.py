@@ -609,7 +609,7 @@ def play(env, agent, seed, on_step=None, max_steps=None):
         obs = next_obs
         step += 1
     return {"seed": seed, "steps": step, "progression": info["progression"], "return": ret,
-            "end_status": info.get("end_status") or ("max_steps" if not done else None),
+            "end_status": info.get("end_status") or ("truncated" if not done else None),
             "wall_s": round(time.time() - t_start, 3)}
 
 
@@ -1039,6 +1039,8 @@ class HFBackend:
     def __init__(self, model, adapter=None, max_new_tokens=4096, temperature=1.0, top_p=None,
                  dtype=None, gpus=None, batch_tokens=None, seed=None):
         import torch
+        import transformers
+        from packaging.version import Version
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         path, kwargs = model_path(model)
@@ -1068,6 +1070,7 @@ class HFBackend:
             self.model = PeftModel.from_pretrained(self.model, adapter)
         self.model.eval()
         self.unpadded_prefill = True
+        self.cache_keyword = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
         self.batch_tokens, self.max_new_tokens = batch_tokens, max_new_tokens
         self.sampling = sampling_kwargs(max_new_tokens, temperature, top_p)
         self.model_generation_config = own_generation_config(path)
@@ -1153,9 +1156,11 @@ class HFBackend:
                     cache = self._prefill_unpadded(enc)
                 except (AttributeError, ValueError, NotImplementedError, TypeError):
                     self.unpadded_prefill = False  # a model or cache type it does not fit
+            if cache is not None:   # generate's keyword is `cache` from transformers 5.24, `past_key_values` before
+                kwargs[self.cache_keyword] = cache
             # no torch.compile: transformers would compile decoding for a static cache on CUDA,
             # and compile again for every new batch shape
-            out = self.model.generate(**enc, **kwargs, past_key_values=cache, disable_compile=True)
+            out = self.model.generate(**enc, **kwargs, disable_compile=True)
         new = out[:, enc["input_ids"].shape[1]:].tolist()
         latency = time.time() - t0
         eos = self.model.generation_config.eos_token_id
