@@ -122,16 +122,16 @@ def parse_ops(text, allowed=None, arity=None):
         for m in tag.finditer(text, last):   # no END anywhere after it: the authors dropped it
             found.append((m.start(), Op(name, error=f"{name} has no closing <|END|>: write <|{name}|>"
                                         f"{'|'.join(['...'] * arity[name])}<|END|>", raw=m.group(0))))
-    firsts, others = [], []
+    pick, others = [], []   # pick: the authors' action (a form whose first match is unusable is passed over)
     for form, pattern in enumerate(ACTION_FORMS):
         for k, m in enumerate(pattern.finditer(text)):
             op = _action_op(m.group(1))
             op.raw = m.group(0)
-            if form < 2:
+            if form < 2:    # the tag forms are ops; an `ACTION:` line is not
                 found.append((m.start(), op))
                 spans.append(m.span())
             if op.error is None:
-                (others if k or firsts else firsts).append(op.args[0])
+                (pick if k == 0 and not pick else others).append(op.args[0])
     for m in PIPED_TAG_RE.finditer(text):
         name = m.group(1) or m.group(2)
         if name not in arity and name.upper() != "END" and not any(a <= m.start() < b for a, b in spans):
@@ -143,7 +143,7 @@ def parse_ops(text, allowed=None, arity=None):
             op.error = f"{op.name} is not allowed here; allowed ops: {', '.join(sorted(allowed))}"
         parsed.done |= op.name == "DONE" and op.error is None
     if allowed is None or "ACTION" in allowed:
-        parsed.actions = firsts + others
+        parsed.actions = pick + others
     return parsed
 
 
