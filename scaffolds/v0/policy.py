@@ -163,9 +163,9 @@ def consult(ep, routine):
 
 
 def committed(ep, turn):
-    """The authors read a reply's actions in this order (tags, then `ACTION:` lines) and repaired
-    the one they took; here each is repaired and the first the game accepts wins, else the first
-    (so an echoed placeholder, "action name", does not win over a real action after it)."""
+    """A reply's actions hold the authors' pick first, then the others; each is repaired, and
+    the first the game accepts wins, else the authors' pick (so an echoed placeholder, "action
+    name", does not win over a real action after it)."""
     repaired = [repair(a) for a in turn.actions]
     return next((a for a in repaired if ep.action_name(a) == a), repaired[0])
 
