@@ -8,6 +8,7 @@
     python eval.py --env all ... --shard $SLURM_ARRAY_TASK_ID/8  # one of 8 independent jobs
     python eval.py summarize runs/A                        # summary.json + report.md, at any time
     python eval.py report runs/A runs/B --plot progression.png
+    python eval.py table runs/table/*/ --out table.md    # the paper's table (scripts/paper_table.sh)
     python eval.py replay runs/A runs/B --seed 42 --out replay.html   # side-by-side HTML replay
 
 Defaults are the paper's protocol (PAPER_SEEDS, PAPER_SAMPLING, envs.MAX_STEPS): Crafter seeds
@@ -471,9 +472,16 @@ def _group(stats):
     prog = mean_se([100 * s["progression"] for s in stats])
     return {"progression_pct": prog, "return": mean_se([s["return"] for s in stats]),
             "steps": mean_se([s["steps"] for s in stats]), "end_reasons": ends,
-            "behaviour": behaviour(counts),
+            "behaviour": behaviour(counts), "cost": cost(counts),
             "tokens": {"prompt": counts["prompt_tokens"], "completion": counts["completion_tokens"]},
             "seeds": sorted(s["seed"] for s in stats)}
+
+
+def cost(counts):
+    """What the model was asked for: calls (one per turn), tokens in and out, tokens per step."""
+    return {"llm_calls": counts["requests"], "prompt_tokens": counts["prompt_tokens"],
+            "completion_tokens": counts["completion_tokens"], "steps": counts["steps"],
+            "tokens_per_step": _ratio(counts["prompt_tokens"] + counts["completion_tokens"], counts["steps"])}
 
 
 def summarize(run, on_episode=None):
@@ -587,6 +595,11 @@ def report_markdown(summary):
     return "\n".join(lines) + "\n"
 
 
+def off_protocol(summary, env_name):
+    """A run's departures from the paper's protocol on one game, in one line ("": none)."""
+    return "; ".join(summary["envs"][env_name].get("protocol_differences") or [])
+
+
 def compare_markdown(summaries):
     envs_seen = sorted({e for s in summaries for e in s["envs"]})
     head = "| run | model | scaffold | agent | " + " | ".join(f"{e} %" for e in envs_seen) + " |"
@@ -606,6 +619,153 @@ def compare_markdown(summaries):
                      f"{_fmt(b.get('redundant_write_rate'))} | {_fmt(b.get('empty_search_rate'))} | "
                      f"{_fmt(b.get('mean_prompt_tokens_per_step'))} | {_fmt(b.get('log_writes_per_search'))} |")
     return "\n".join(lines) + "\n"
+
+
+# The paper's table: a row per agent, one column per game and the overall, beside the paper's rows.
+PAPER_SCAFFOLDS = {"crafter": "crafter_v5", "minihack": "minihack_v4", "nle": "nethack_v2"}   # loop #1's result per game
+PAPER_ROWS = {   # our row -> the paper's row of the same agent (data/reference_results.json)
+    "naive": "Qwen2.5-32B-Instruct sliding window",
+    "cot": "Qwen2.5-32B-Instruct sliding window + chain-of-thought",
+    "v0": "AutoMem v0 (memory-as-file-system)",
+    "+ scaffold opt.": "AutoMem + scaffold opt. (loop 1)",
+    "+ memory training": "AutoMem + memory training (loop 2)",
+}
+
+
+def table_row(summary):
+    """The table row a run belongs to: BALROG's agents by name; AutoMem by scaffold, a game's
+    converged scaffold (PAPER_SCAFFOLDS) being '+ scaffold opt.' and, with a specialist,
+    '+ memory training'; any other scaffold under its own name."""
+    if summary.get("agent") != "memory":
+        return summary.get("agent") or "?"
+    converged = summary.get("scaffold") in PAPER_SCAFFOLDS.values()
+    if summary.get("specialist"):
+        return "+ memory training" if converged else f"{summary.get('scaffold')} + specialist"
+    return "+ scaffold opt." if converged else summary.get("scaffold") or "?"
+
+
+def table_rows(summaries):
+    """{row: {game: summary}} in the paper's order, then any other row; a game twice in a row is
+    an error (which run would the cell show?)."""
+    rows = {}
+    for s in summaries:
+        cells = rows.setdefault(table_row(s), {})
+        for env_name in s["envs"]:
+            if env_name in cells:
+                raise UsageError(f"two runs give row {table_row(s)!r} its {env_name} cell: "
+                                 f"{cells[env_name]['run']} and {s['run']}")
+            cells[env_name] = s
+    order = list(PAPER_ROWS)
+    return dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def protocol_episodes(env_name):
+    return len(envs.TASKS[env_name]) * len(PAPER_SEEDS[env_name])
+
+
+COST_KEYS = ("llm_calls", "prompt_tokens", "completion_tokens", "steps")
+
+
+def projected_cost(c, env_name):
+    """One game's calls and tokens on the paper's protocol, from a run's per-step rates: rate x the
+    game's step limit x the protocol's episodes. An upper bound: episodes that end early (death,
+    a solved task, NetHack's no-progress timeout) take fewer steps."""
+    steps = envs.MAX_STEPS[env_name] * protocol_episodes(env_name)
+    return {**{k: c[k] / c["steps"] * steps if c["steps"] else None for k in COST_KEYS[:3]}, "steps": steps}
+
+
+def _add(costs):
+    return {k: None if any(c[k] is None for c in costs) else sum(c[k] for c in costs) for k in COST_KEYS}
+
+
+def _num(v):
+    return "-" if v is None else f"{v:,.0f}" if v < 1e9 else f"{v:.2e}"
+
+
+def table_markdown(summaries):
+    """The paper's table from run summaries: one row per agent (table_row), one column per game and
+    the overall (BALROG's mean ± SE; † off the paper's protocol), each row followed by the paper's
+    number for it, BALROG's leaderboard below; then the LLM calls and tokens each row took, and,
+    for rows run off the protocol (a pilot), those projected to the protocol."""
+    ref = json.loads(REFERENCE.read_text())["rows"]
+    rows = table_rows(summaries)
+    games = list(envs.ENVS)
+    models = sorted({str(s.get("model")) for s in summaries})
+    head = "| agent | model | " + " | ".join(f"{g} %" for g in games) + " | overall % |"
+    lines = ["# The paper's table", "",
+             f"Model{'s' * (len(models) > 1)}: **{', '.join(models)}**. Progression in %, mean ± standard error "
+             "over episodes (BALROG's statistics: a game's tasks pooled; overall: the mean of the games' means, "
+             "SE sqrt(sum SE²) / games). Each row is followed by the paper's number for it (Qwen2.5-32B-Instruct)."
+             + (" **A tiny random model proves plumbing, not skill.**" if "tiny-random" in models else ""), "",
+             head, "|" + " --- |" * (len(games) + 3)]
+    flagged = {}
+    for name, cells in rows.items():
+        row_models = sorted({str(s.get("model")) + (f" + specialist {s['specialist']}" if s.get("specialist") else "")
+                             for s in cells.values()})
+        texts = []
+        for g in games:
+            if g not in cells:
+                texts.append("-")
+                continue
+            differences = off_protocol(cells[g], g)
+            if differences:
+                flagged.setdefault(f"{g}: {differences}", []).append(name)
+            texts.append(_pct(cells[g]["envs"][g]["progression_pct"]) + " †" * bool(differences))
+        whole = overall([cells[g]["envs"][g]["progression_pct"] for g in games]) if set(games) <= set(cells) else None
+        lines.append(f"| **{name}** | {', '.join(row_models)} | " + " | ".join(texts) + f" | {_pct(whole) if whole else '-'} |")
+        paper = next((r for r in ref if r["agent"] == PAPER_ROWS.get(name)), None)
+        if paper:
+            lines.append(f"| paper: {paper['agent']} | Qwen2.5-32B-Instruct | "
+                         + " | ".join(_pct(_ref(paper[g])) for g in games) + f" | {_pct(_ref_overall(paper, games))} |")
+    lines += ["", "BALROG's leaderboard, as the paper quotes it (BALROG's own settings, not the paper's protocol):", "",
+              "| model | " + " | ".join(f"{g} %" for g in games) + " | overall % |", "|" + " --- |" * (len(games) + 2)]
+    for r in ref:
+        if "(balrog)" in r["group"]:
+            lines.append(f"| {r['agent']} | " + " | ".join(_pct(_ref(r[g])) for g in games)
+                         + f" | {_pct(_ref_overall(r, games))} |")
+    if flagged:
+        lines += ["", "† Not the paper's protocol, so not comparable with the paper's numbers:"]
+        lines += [f"- {text} ({', '.join(names)})" for text, names in flagged.items()]
+    lines += ["", "## Cost", "", "LLM calls (one per model turn), tokens and steps of each row's finished episodes.", "",
+              "| agent | game | LLM calls | prompt tokens | completion tokens | steps |", "| --- | --- | --- | --- | --- | --- |"]
+    projections = []
+    for name, cells in rows.items():
+        spent = {g: s["envs"][g]["cost"] for g, s in cells.items()}
+        projected = {g: projected_cost(c, g) for g, c in spent.items()}
+        lines += _cost_lines(name, spent)
+        if any(off_protocol(s, g) for g, s in cells.items()):
+            projections += _cost_lines(name, projected)
+    if projections:
+        limits = ", ".join(f"{g} {protocol_episodes(g)} x {envs.MAX_STEPS[g]:,}" for g in games)
+        lines += ["", "Projected to the paper's protocol, for the rows run off it (a pilot: e.g. --max-steps 50): each "
+                  "game's calls and tokens per step in this run x its step limit x the protocol's episodes "
+                  f"(episodes x steps: {limits}). An upper bound on steps: episodes that end early (death, a solved "
+                  "task, NetHack's no-progress timeout) take fewer. Tokens per step are the pilot's: a memory "
+                  "scaffold's prompts grow with its files over a long episode, and a pilot with a smaller "
+                  "--max-new-tokens than the protocol's 4096 writes shorter replies.", "",
+                  "| agent | game | LLM calls | prompt tokens | completion tokens | steps |",
+                  "| --- | --- | --- | --- | --- | --- |", *projections]
+    unfinished = [(name, s) for name, cells in rows.items() for s in {id(s): s for s in cells.values()}.values()
+                  if s.get("unfinished")]
+    if unfinished:
+        lines += ["", "Unfinished episodes, not scored (rerun paper_table.sh, or eval.py --resume, to finish them):"]
+        lines += [f"- {name} ({s['run']}): {len(s['unfinished'])}" for name, s in unfinished]
+    lines += ["", "Runs: " + "; ".join(f"{table_row(s)}: {s['run']}" for s in summaries) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _cost_lines(name, per_game):
+    """A row's cost lines: one per game, and their sum when there are several."""
+    lines = [(g, c) for g, c in per_game.items()] + ([("all", _add(list(per_game.values())))] if len(per_game) > 1 else [])
+    return [f"| {name} | {g} | " + " | ".join(_num(c[k]) for k in COST_KEYS) + " |" for g, c in lines]
+
+
+def _ref(pair):
+    return {"mean": pair[0], "stderr": pair[1]}
+
+
+def _ref_overall(row, games):
+    return overall([_ref(row[g]) for g in games])
 
 
 def plot_progression(summaries, out):
@@ -889,16 +1049,18 @@ def run_eval(args):
     out, config = prepare_run(args, scaffold, jobs, shared=processes > 1)
     from tqdm import tqdm
 
-    backend = load_backend(args)     # before anything is written: a failed load leaves no run
-    config["sampling"] = backend.sampling    # what the run sets; a server gets exactly these
-    if not args.base_url:   # HF: the model's own settings, and what generate receives from both
-        config["model_generation_config"] = backend.model_generation_config
-        config["generate_kwargs"] = backend.generate_kwargs()
+    done = set(finished_episodes(out))
+    mine = [j for j in mine if j not in done]
+    backend = None
+    if mine or not (out / "config.json").exists():   # a finished run resumed needs no model
+        backend = load_backend(args)     # before anything is written: a failed load leaves no run
+        config["sampling"] = backend.sampling    # what the run sets; a server gets exactly these
+        if not args.base_url:   # HF: the model's own settings, and what generate receives from both
+            config["model_generation_config"] = backend.model_generation_config
+            config["generate_kwargs"] = backend.generate_kwargs()
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):   # the first process of the run writes it
         write_json(out / "config.json", config, replace=False)
-    done = set(finished_episodes(out))
-    mine = [j for j in mine if j not in done]
     for j in mine:   # a rerun's stale reasons go; the episodes' ends write them anew
         error_path(out, *j).unlink(missing_ok=True)
     show = int(os.environ.get("RANK", 0)) == 0 and bool(mine)
@@ -997,6 +1159,24 @@ def run_report(argv):
     if args.plot:
         plot_progression(summaries, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def run_table(argv):
+    p = argparse.ArgumentParser(prog="eval.py table", description="the paper's table from runs (scripts/paper_table.sh)")
+    p.add_argument("runs", nargs="+", help="run folders: a row's runs are told apart by agent, scaffold and specialist")
+    p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    if problem := not_a_run(args.runs):
+        p.exit(2, f"eval.py table: error: {problem}\n")
+    try:
+        table = table_markdown([{**summarize(run), "run": str(run)} for run in args.runs])
+    except UsageError as e:
+        p.exit(2, f"eval.py table: error: {e}\n")
+    print(table)
+    if args.out:
+        write_text(args.out, table)
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -1156,6 +1336,8 @@ def main(argv=None):
         return run_replay(argv[1:])
     if argv and argv[0] == "summarize":
         return run_summarize(argv[1:])
+    if argv and argv[0] == "table":
+        return run_table(argv[1:])
     p = build_parser()
     args = p.parse_args(argv)
     if args.max_new_tokens is None:
