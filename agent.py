@@ -291,7 +291,7 @@ class PolicyAgent:
         self.fs = MemoryFS(memory_dir, max_file_bytes=lim["max_file_bytes"],
                            max_total_bytes=lim["max_total_bytes"], max_files=lim["max_files"],
                            max_result_chars=lim["max_result_chars"], search_cap=lim["search_cap"])
-        for fname, text in scaffold.initial_files(env.name).items():
+        for fname, text in scaffold.initial_files(env.name, env.task).items():
             self.fs.write(fname, text)
         self.env, self._scaffold, self._routines = env, scaffold, {}
         self._pending = self._answer = None   # (request, trace entry, request sent) / (reply, trace entry)
