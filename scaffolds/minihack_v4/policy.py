@@ -1,5 +1,5 @@
 """minihack_v4: the authors' converged MiniHack scaffold (their minihack_v4 and, in two-model
-mode, minihack_v4_twomodel), behaviourally. It is v0 plus what the code can see for the model.
+mode, minihack_v4_twomodel), behaviourally: v0 plus blocks that code computes for the model.
 
 A step: the observation as the authors' agent read it; the trackers (the last 12 actions, the
 position and its visit counts, the mandatory move); the map analysis with doors on the map; LOG
@@ -257,8 +257,8 @@ def exploration_status(s, moves):
 
 
 def stairs_directive(ep, seen, moves):
-    """The stairs navigator: stairs next to you; else the nearest goal direction, or a detour when
-    lava (}) lies on 2 or more of that direction and its two neighbours."""
+    """The stairs navigator: stairs down next to you; else the way to the first > on the map, or
+    a detour when lava (}) lies on 2 or more of that direction and its two neighbours."""
     if seen["stairs_next"]:
         return ep.render("stairs_adjacent", loud=seen["stairs_next"].upper(), direction=seen["stairs_next"])
     if not seen["stairs_far"]:
