@@ -140,6 +140,15 @@ def test_boxoban_gets_its_own_rules_and_actions(tmp_path, boxoban_levels):
             "default action, north, instead.") in prompt(records[1], "log")
 
 
+def test_initial_files_by_task_replace_the_games():
+    """scaffold.json initial_files: a task's entry (Boxoban's) replaces its game's."""
+    boxoban, corridor = (V4.initial_files("minihack", task) for task in ("MiniHack-Boxoban-Medium-v0", CORRIDOR))
+    assert set(corridor) - set(boxoban) == {"inventory.txt"} and set(boxoban) < set(corridor)
+    assert boxoban["nethack_symbols.txt"] == corridor["nethack_symbols.txt"]
+    assert boxoban["game_rules.txt"].startswith("BOXOBAN") and corridor["game_rules.txt"].startswith("NETHACK RULES")
+    assert V4.initial_files("minihack") == V4.initial_files("minihack", CORRIDOR)
+
+
 def test_two_model_mode_routes_memory_turns_to_the_specialist(tmp_path):
     """As the authors' _twomodel copy: LOG on the specialist, PLAN consults it first (its ACTION
     hidden), then the base model commits; the auto-log applies to the specialist's LOG too."""
