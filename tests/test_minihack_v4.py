@@ -17,7 +17,8 @@ CORRIDOR = "MiniHack-Corridor-R3-v0"   # seed 0: @ at (54, 6), a closed door eas
 
 def traced_episode(tmp_path, model, task, steps, two_model=False):
     """One episode against a scripted server, written by eval's TraceWriter and read back."""
-    path, writer = tmp_path / "trace.jsonl", ev.TraceWriter(tmp_path / "trace.jsonl")
+    path = tmp_path / "trace.jsonl"
+    writer = ev.TraceWriter(path)
     with ScriptedServer(model) as server:
         env = envs.make_env("minihack", task, seed=0)
         ag = make_agent("memory", env, V4, tmp_path / "mem", two_model=two_model)
