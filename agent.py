@@ -219,7 +219,7 @@ class Episode:
     env = property(lambda self: self._fixed["env"], doc="the game: crafter, minihack or nle")
     task = property(lambda self: self._fixed["task"], doc="the task, e.g. MiniHack-Corridor-R3-v0")
     instruction = property(lambda self: self._fixed["instruction"], doc="the game's instruction text")
-    actions = property(lambda self: self._fixed["actions"], doc="the game's action names")
+    actions = property(lambda self: self._fixed["actions"], doc="the task's action names (BALROG's set for the task)")
     two_model = property(lambda self: self._fixed["two_model"], doc="a memory specialist serves 'specialist' turns")
     step = property(lambda self: self._now["step"], doc="this step's index, from 0")
     observation = property(lambda self: copy.copy(self._now["observation"]),
@@ -296,7 +296,7 @@ class PolicyAgent:
         self.fs = MemoryFS(memory_dir, max_file_bytes=lim["max_file_bytes"],
                            max_total_bytes=lim["max_total_bytes"], max_files=lim["max_files"],
                            max_result_chars=lim["max_result_chars"], search_cap=lim["search_cap"])
-        for fname, text in scaffold.initial_files(env.name).items():
+        for fname, text in scaffold.initial_files(env.name, env.task).items():
             self.fs.write(fname, text)
         self.env, self._scaffold, self._routines = env, scaffold, {}
         self._pending = self._answer = None   # (request, trace entry, request sent) / (reply, trace entry)
