@@ -100,9 +100,15 @@ def test_log_and_plan_say_what_the_authors_said_in_their_order(tmp_path):
              "MAP ANALYSIS (around @):", "Memory files (name and number of lines):", "Current observation:\nmessage:",
              "Decide in six steps:", "Commands (memory is read-only here):", "<|ACTION|>action name<|END|>        commit",
              "Commit exactly one action")
-    # the observation as the authors' agent read it: long-term context, a new line, short-term
+    # the observation as the authors' agent read it: long-term context, a new line, short-term, with
+    # their environment wrapper's distance and compass words
     obs = envs.make_env("minihack", "MiniHack-Corridor-R3-v0", seed=0).reset()
-    assert f"{obs['long_term_context']}\n{obs['short_term_context']}" in first_prompt(records[0], "plan")
+    authors = (obs["long_term_context"].replace("horizontal wall near north", "horizontal wall 3-4 steps away north")
+               .replace("very near northnortheast", "2 steps away between north and northeast")
+               .replace("dark area very near east", "dark area 2 steps away east")
+               .replace("adjacent", "1 step away (directly reachable)"))
+    assert "vertical closed door 1 step away (directly reachable) east\n" in authors
+    assert f"{authors}\n{obs['short_term_context']}" in first_prompt(records[0], "plan")
 
 
 def test_the_stuck_notice_counts_steps_from_3_on(tmp_path):
