@@ -839,6 +839,8 @@ def prepare_run(args, scaffold, jobs, shared):
         prev = json.loads(old.read_text())
         # processes of one run must also plan the same episodes, or their shares would not add up
         keys = RESUME_KEYS + (PLAN_KEYS if shared and not same_plan(prev, config) else ())
+        if config["agent"] != "memory":   # BALROG's agents use no scaffold: a changed one changes nothing
+            keys = tuple(k for k in keys if k != "scaffold_hash")
         changed = [k for k in keys if prev.get(k) != config.get(k)]
         if changed:
             raise UsageError(f"{'--resume' if args.resume else 'this process'}: {out} was run with other "

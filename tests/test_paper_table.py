@@ -119,3 +119,18 @@ def test_a_game_twice_in_a_row_and_bad_input_are_refused_in_one_line(tmp_path, c
     assert e.value.code == 2 and f"{tmp_path} is not a run folder" in capsys.readouterr().err
     bad = subprocess.run(["bash", str(SCRIPT), "--bogus", "1"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("paper_table.sh: unknown flag --bogus")
+
+
+def test_a_baseline_run_resumes_after_the_scaffold_changed_but_a_memory_run_does_not(tmp_path):
+    """naive and cot use no scaffold, so a merged v0 change must not stop paper_table.sh's rerun."""
+    for agent, refused in (("naive", False), ("memory", True)):
+        args = ev.build_parser().parse_args(["--env", "crafter", "--agent", agent, "--model", "tiny-random",
+                                             "--out", str(tmp_path / agent), "--resume"])
+        scaffold, jobs = ev.check_args(args)
+        (tmp_path / agent).mkdir()
+        ev.write_json(tmp_path / agent / "config.json", {**ev.make_config(args, scaffold, jobs), "scaffold_hash": "old"})
+        if refused:
+            with pytest.raises(ev.UsageError, match=r"was run with other settings \(scaffold_hash\)"):
+                ev.prepare_run(args, scaffold, jobs, shared=False)
+        else:
+            ev.prepare_run(args, scaffold, jobs, shared=False)
