@@ -566,6 +566,7 @@ def table_rows(summaries):
 
 
 def protocol_episodes(env_name):
+    """How many episodes the paper's protocol plays on a game (every task, every report seed)."""
     return len(envs.TASKS[env_name]) * len(PAPER_SEEDS[env_name])
 
 
@@ -651,11 +652,10 @@ def table_markdown(summaries):
                   "--max-new-tokens than the protocol's 4096 writes shorter replies.", "",
                   "| agent | game | LLM calls | prompt tokens | completion tokens | steps |",
                   "| --- | --- | --- | --- | --- | --- |", *projections]
-    unfinished = [(name, s) for name, cells in rows.items() for s in {id(s): s for s in cells.values()}.values()
-                  if s.get("unfinished")]
+    unfinished = [s for s in summaries if s.get("unfinished")]
     if unfinished:
         lines += ["", "Unfinished episodes, not scored (rerun paper_table.sh, or eval.py --resume, to finish them):"]
-        lines += [f"- {name} ({s['run']}): {len(s['unfinished'])}" for name, s in unfinished]
+        lines += [f"- {table_row(s)} ({s['run']}): {len(s['unfinished'])}" for s in unfinished]
     lines += ["", "Runs: " + "; ".join(f"{table_row(s)}: {s['run']}" for s in summaries) + "."]
     return "\n".join(lines) + "\n"
 

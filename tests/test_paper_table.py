@@ -93,6 +93,7 @@ def test_the_two_model_row_is_the_converged_scaffolds_with_a_specialist_beside_t
                      **{g: ["at most 50 steps per episode (paper: 2,000)"]} if g == "crafter" else {})
              for g, s in ev.PAPER_SCAFFOLDS.items()]
     runs.append(summary("v3", scaffold="v3", games=["crafter"]))
+    runs[0]["unfinished"] = [{"env": "nle", "task": "NetHackChallenge-v0", "seed": 46, "reason": "server down"}]
     table = ev.table_markdown(runs)
     rows = [x.split(" | ")[0][2:] for x in table.split("## Cost")[0].splitlines() if x.startswith("| **")]
     assert rows == ["**naive**", "**v0**", "**+ scaffold opt.**", "**+ memory training**", "**v3**"]
@@ -109,6 +110,7 @@ def test_the_two_model_row_is_the_converged_scaffolds_with_a_specialist_beside_t
     assert "| + memory training | nle | 1,500,000 | 150,000,000 | 15,000,000 | 500,000 |" in projected
     assert "| + memory training | all | 1,572,000 | 157,200,000 | 15,720,000 | 524,000 |" in projected
     assert "| naive |" not in projected
+    assert "- naive (naive): 1" in table.split("Unfinished episodes, not scored")[1]
 
 
 def test_a_game_twice_in_a_row_and_bad_input_are_refused_in_one_line(tmp_path, capsys):
