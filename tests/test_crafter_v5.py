@@ -145,8 +145,10 @@ class CrafterAfterNoops(envs.CrafterEnv):
 
 
 def test_sleep_is_refused_with_a_zombie_within_3_steps(tmp_path):
+    """The model asks to sleep each step while a zombie walks up; sleeping anyway (after 2
+    refusals) costs 7 health, which the next step's combat and survival blocks report."""
     script = by_step(lambda step: "<|DONE|>", lambda step, body: "<|ACTION|>Sleep<|END|>")
-    records = episode(tmp_path, script, steps=2, env=CrafterAfterNoops(seed=2))
+    records = episode(tmp_path, script, steps=4, env=CrafterAfterNoops(seed=2))
     assert "- zombie 4 steps to your east" in records[0]["observation"]
     assert records[0]["plan"]["ended"] == "action" and not said(records[0])         # 4 steps away: sleep
     assert "- zombie 3 steps to your east" in records[1]["observation"]
@@ -154,6 +156,16 @@ def test_sleep_is_refused_with_a_zombie_within_3_steps(tmp_path):
                                 "would attack you in your sleep, and you could not fight back. Get away from it first, "
                                 "then sleep.\nChoose a DIFFERENT action and commit it with <|ACTION|>action name<|END|>."] * 2
     assert records[1]["plan"]["ended"] == "action after 2 rejections" and records[1]["action"]["executed"] == "Sleep"
+    assert [len(said(r)) for r in records] == [0, 2, 2, 2]
+    assert "- health: 2/9\n- food: 5/9\n- drink: 3/9" in records[3]["observation"]
+    blocks = ("=== DANGER: COMBAT ===\nYOU LOST 7 HEALTH last step: now 2/9. Something hostile is attacking you.\n"
+              "CRITICAL: zombie 1 step(s) east. RUN NOW: health 2/9, one more hit could kill you.\n\n"
+              "=== STAYING ALIVE: URGENT ===\nCRITICAL: health 2/9: you are about to DIE. Get food (a cow, a plant) "
+              "or water NOW.\nWARNING: drink 3/9: falling. Find water soon.\n\n")
+    assert blocks in first_prompt(records[3], "log")
+    plan = first_prompt(records[3], "plan")
+    in_order(plan, "WHERE YOU ARE:", "=== STAYING ALIVE: URGENT ===\nCRITICAL: health 2/9",
+             "=== DANGER: COMBAT ===\nYOU LOST 7 HEALTH", "=== WHERE YOU ARE IN THE TECH TREE ===", "YOUR CURRENT GOALS")
 
 
 def test_two_model_routes_log_and_consultation_to_the_specialist_and_the_commit_to_the_base(tmp_path):

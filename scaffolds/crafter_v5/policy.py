@@ -10,7 +10,7 @@ authors' code and the quirks kept on purpose.
 """
 import re
 
-VITALS = ("health", "food", "drink", "energy")
+VITALS = ("health", "food", "drink")   # energy is never read
 HOSTILE = ("zombie", "skeleton")
 CRAFTS = ("Make Wood Pickaxe", "Make Stone Pickaxe", "Make Iron Pickaxe",
           "Make Wood Sword", "Make Stone Sword", "Make Iron Sword")
@@ -22,6 +22,11 @@ COSTS = {"Place Table": {"wood": 2}, "Place Stone": {"stone": 1}, "Place Furnace
 TWO_STEP = ("open", "close", "kick", "fight", "fire", "zap", "eat", "quaff", "wear", "wield", "read",
             "apply", "puton", "remove", "takeoff", "dip", "rub", "invoke", "quiver", "throw", "offer",
             "drop", "force", "loot", "cast", "pickup")
+# (vital, critical at or below, warning at or below, what a critical level asks, what a warning asks)
+URGENCY = (("health", 2, 4, "you are about to DIE. Get food (a cow, a plant) or water NOW.",
+            "keep out of fights; find food or water."),
+           ("food", 1, 3, "you are about to starve. Hit a cow (Do) or eat a plant NOW.", "falling. Find food soon."),
+           ("drink", 1, 3, "you are about to die of thirst. Face water and use Do NOW.", "falling. Find water soon."))
 REFERENCE_FILES = ("game_knowledge.txt", "progress.txt")   # never flagged as too long
 LONG_FILE = 25
 
@@ -46,7 +51,7 @@ def step(ep):
              "combat": threats(ep, obs), "tech": tech_tree(ep, obs), "stagnation": stagnation(ep),
              "noops": noop_streak(ep), "survival": survival(ep, obs), "repetition": repetition(ep),
              "context": craft_context(ep, obs, executed, changed)}
-    if executed is not None and changed:
+    if executed is not None and changed:   # after the tech tree's EASY WINS have read the set
         s["effective"].add(executed)
     if ep.step > 0:
         yield from log(ep, obs, notes)
@@ -162,21 +167,13 @@ def craft_failure(ep, executed, changed):
 
 
 def survival(ep, obs):
-    now = vitals(obs)
-    health, food, drink = (now.get(v, 9) for v in ("health", "food", "drink"))
-    lines = []
-    if health <= 2:
-        lines.append(f"CRITICAL: health {health}/9: you are about to DIE. Get food (a cow, a plant) or water NOW.")
-    elif health <= 4:
-        lines.append(f"WARNING: health {health}/9. Keep out of fights; find food or water.")
-    if food <= 1:
-        lines.append(f"CRITICAL: food {food}/9: you are about to starve. Hit a cow (Do) or eat a plant NOW.")
-    elif food <= 3:
-        lines.append(f"WARNING: food {food}/9 and falling. Find food soon.")
-    if drink <= 1:
-        lines.append(f"CRITICAL: drink {drink}/9: you are about to die of thirst. Face water and use Do NOW.")
-    elif drink <= 3:
-        lines.append(f"WARNING: drink {drink}/9 and falling. Find water soon.")
+    now, lines = vitals(obs), []
+    for vital, critical_at, warning_at, critical, warning in URGENCY:
+        n = now.get(vital, 9)
+        if n <= critical_at:
+            lines.append(f"CRITICAL: {vital} {n}/9: {critical}")
+        elif n <= warning_at:
+            lines.append(f"WARNING: {vital} {n}/9: {warning}")
     return ep.render("survival", warnings="\n".join(lines)) if lines else ""
 
 
