@@ -123,14 +123,38 @@ def test_log_and_plan_blocks_in_the_authors_order(gate_run):
              "Memory files (name and number of lines):\nactions_log.txt (0 lines)\ngame_knowledge.txt (73 lines)\n"
              "goals.txt (5 lines)\nobservations.txt (0 lines)\nprogress.txt (24 lines)",
              "<|DONE|>                            end the memory update", "Rules:\n1. Check before you write",
-             "Crafter rules:\n4. EVERY turn, WRITE goals.txt", "9. Keep goals.txt, observations.txt and actions_log.txt "
-             "under 25 lines", "finish with <|DONE|>.")
+             "Crafter rules:\n4. EVERY turn, WRITE goals.txt",
+             "9. Keep goals.txt, observations.txt and actions_log.txt under 25 lines", "finish with <|DONE|>.")
     in_order(plan, "You play Crafter,", "THE 22 ACHIEVEMENTS", "You keep a memory of this episode", "WHERE YOU ARE:",
              "The last action that ran was 'Place Table'. Do not repeat it",
              "=== WHERE YOU ARE IN THE TECH TREE ===\nTOOLS: None\nNEXT: Collect wood (Do on a tree): 4 more needed\n"
              "  -> Nearest tree: 7 step(s) north-west\n\nYOUR CURRENT GOALS (goals.txt):\nCURRENT GOAL: from step 1",
              "Current observation:\nYou see:", "Decide in six steps:", "Crafter planning rules:",
              "<|ACTION|>action name<|END|>        commit your action", "You must commit exactly one action")
+
+
+def test_tech_tree_next_step_and_the_repair():
+    """The authors' NEXT decision tree, a case per tier; the repair after PLAN."""
+    policy = V5.module()
+    next_goal, repair = policy["next_goal"], policy["repair"]
+    assert next_goal({"wood": 3}, {}, True, False) == (
+        ">>> Make Wood Pickaxe NOW (a table is in sight, you hold 3 wood) <<<", None)
+    assert next_goal({"wood": 1, "wood_pickaxe": 1}, {"tree": (0, "in front")}, False, False) == (
+        "Find a table, OR collect 2 more wood to place a new one and craft the sword", "Nearest tree: 0 step(s) in front")
+    assert next_goal({"wood_pickaxe": 1, "wood_sword": 1}, {"stone": (0, "in front")}, False, False) == (
+        "Mine stone (face stone, Do: the Wood Pickaxe will do)", "Stone right in front of you: use Do NOW")
+    assert next_goal({"wood": 2, "stone": 1, "wood_pickaxe": 1, "wood_sword": 1}, {"grass": (0, "in front")},
+                     False, False) == ("Place Table (face grass; 2 wood) to craft the Stone Pickaxe",
+                                       "Grass in front: Place Table now!")
+    stone_tools = {"stone_pickaxe": 1, "stone_sword": 1}
+    assert next_goal({**stone_tools, "stone": 2}, {"tree": (3, "west")}, True, False) == (
+        "Mine 2 more stone for a furnace (4 stone, you hold 2)", "No stone in sight: explore to find some")
+    assert next_goal({**stone_tools, "iron": 1, "coal": 1}, {}, True, True) == (None, None)   # no wood: no NEXT
+    assert next_goal({"iron_pickaxe": 1, "wood_sword": 1}, {"diamond": (4, "south-east")}, False, False) == (
+        "Mine diamond (face a diamond, Do: the Iron Pickaxe will do)", "Nearest diamond: 4 step(s) south-east")
+    assert [repair(a, envs.CRAFTER_ACTIONS) for a in ("place table", "noop", " Move North-East", "move south west",
+                                                      "eat cow", "Do", "jump")] == \
+        ["Place Table", "Noop", "Move North", "Move South", "eat", "Do", "jump"]
 
 
 class CrafterAfterNoops(envs.CrafterEnv):
@@ -152,9 +176,10 @@ def test_sleep_is_refused_with_a_zombie_within_3_steps(tmp_path):
     assert "- zombie 4 steps to your east" in records[0]["observation"]
     assert records[0]["plan"]["ended"] == "action" and not said(records[0])         # 4 steps away: sleep
     assert "- zombie 3 steps to your east" in records[1]["observation"]
-    assert said(records[1]) == ["ACTION REFUSED: Sleeping now is DANGEROUS: a zombie is 3 step(s) away (east). It "
-                                "would attack you in your sleep, and you could not fight back. Get away from it first, "
-                                "then sleep.\nChoose a DIFFERENT action and commit it with <|ACTION|>action name<|END|>."] * 2
+    refused = ("ACTION REFUSED: Sleeping now is DANGEROUS: a zombie is 3 step(s) away (east). It would attack you in "
+               "your sleep, and you could not fight back. Get away from it first, then sleep.\n"
+               "Choose a DIFFERENT action and commit it with <|ACTION|>action name<|END|>.")
+    assert said(records[1]) == [refused, refused]
     assert records[1]["plan"]["ended"] == "action after 2 rejections" and records[1]["action"]["executed"] == "Sleep"
     assert [len(said(r)) for r in records] == [0, 2, 2, 2]
     assert "- health: 2/9\n- food: 5/9\n- drink: 3/9" in records[3]["observation"]
@@ -165,7 +190,8 @@ def test_sleep_is_refused_with_a_zombie_within_3_steps(tmp_path):
     assert blocks in first_prompt(records[3], "log")
     plan = first_prompt(records[3], "plan")
     in_order(plan, "WHERE YOU ARE:", "=== STAYING ALIVE: URGENT ===\nCRITICAL: health 2/9",
-             "=== DANGER: COMBAT ===\nYOU LOST 7 HEALTH", "=== WHERE YOU ARE IN THE TECH TREE ===", "YOUR CURRENT GOALS")
+             "=== DANGER: COMBAT ===\nYOU LOST 7 HEALTH", "=== WHERE YOU ARE IN THE TECH TREE ===",
+             "YOUR CURRENT GOALS")
 
 
 def test_two_model_routes_log_and_consultation_to_the_specialist_and_the_commit_to_the_base(tmp_path):
@@ -189,8 +215,8 @@ def test_two_model_routes_log_and_consultation_to_the_specialist_and_the_commit_
     handed = turn_messages(records[1]["plan"]["turns"], 1)
     assert handed[-2] == {"role": "assistant", "content": "<|SEARCH|>game_knowledge.txt|Place Table<|END|> so"}
     assert handed[-1]["content"].startswith("[SEARCH game_knowledge.txt|Place Table]\n")
-    assert handed[-1]["content"].endswith("The memory consultation is over. Commit your action now, as "
-                                          "<|ACTION|>action name<|END|>. You may still SEARCH, READ, TAIL or COUNT first.")
+    assert handed[-1]["content"].endswith("The memory consultation is over. Commit your action now, as <|ACTION|>"
+                                          "action name<|END|>. You may still SEARCH, READ, TAIL or COUNT first.")
     assert goals_shown(records[1]) == "CURRENT GOAL: wood"
 
 

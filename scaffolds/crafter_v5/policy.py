@@ -183,7 +183,8 @@ def threats(ep, obs):
     health = vitals(obs).get("health", 9)
     before, visible, lines = ep.state["health"], seen(obs), []
     if before is not None and health < before:
-        lines.append(f"YOU LOST {before - health} HEALTH last step: now {health}/9. Something hostile is attacking you.")
+        lines.append(f"YOU LOST {before - health} HEALTH last step: now {health}/9. "
+                     "Something hostile is attacking you.")
     for name, distance, where in visible:
         if name in HOSTILE and distance <= 2 and health <= 3:
             lines.append(f"CRITICAL: {name} {distance} step(s) {where}. RUN NOW: health {health}/9, "
@@ -296,9 +297,11 @@ def next_goal(have, found, table, furnace):
             return (f">>> Make Iron Pickaxe NOW (a table and a furnace are in sight; {wood} wood, {coal} coal, "
                     f"{iron} iron) <<<{then}"), None
         if not furnace and stone >= 4:
-            return f"Place Furnace (face GRASS; 4 stone, you hold {stone})" + (", NEAR the table!" if table else ""), None
+            near = ", NEAR the table!" if table else ""
+            return f"Place Furnace (face GRASS; 4 stone, you hold {stone}){near}", None
         if not furnace:
-            return f"Mine {4 - stone} more stone for a furnace (4 stone, you hold {stone})", toward(found, "stone", True)
+            return (f"Mine {4 - stone} more stone for a furnace (4 stone, you hold {stone})",
+                    toward(found, "stone", True))
         if iron == 0:
             return "Mine iron (face iron, Do: the Stone Pickaxe will do)", toward(found, "iron", True)
         if coal == 0:
@@ -430,7 +433,7 @@ def plan(ep, obs, notes):
             break
         routine.say(ep.render("plan_continue", results=turn.results).strip())
     routine.end(ended + (f" after {refused} rejections" if refused else ""))
-    return repair(ep, ep.fallback if action is None else action)
+    return repair(ep.fallback if action is None else action, ep.actions)
 
 
 def refusal(ep, action, obs):
@@ -475,10 +478,11 @@ def strip_actions(text):
 def chosen(ep, turn):
     """The committed action as the model wrote it: the first whose repair the game accepts, else
     the first (v0's rule)."""
-    return next((a for a in turn.actions if ep.action_name(repair(ep, a)) == repair(ep, a)), turn.actions[0])
+    return next((a for a in turn.actions if ep.action_name(repair(a, ep.actions)) == repair(a, ep.actions)),
+                turn.actions[0])
 
 
-def repair(ep, action):
+def repair(action, actions):
     """The authors' two repairs, in order. A two-step command keeps its command ("eat d" -> "eat").
     Then Crafter's names: a diagonal move keeps its north or south ("move north-east" -> "Move
     North"), and an action in the wrong case gets the game's ("place table" -> "Place Table",
@@ -490,4 +494,4 @@ def repair(ep, action):
     diagonal = re.fullmatch(r"move (north|south)[- ]?(?:east|west)", text)
     if diagonal:
         return "Move " + diagonal.group(1).capitalize()
-    return {name.lower(): name for name in ep.actions}.get(text, action.strip())
+    return {name.lower(): name for name in actions}.get(text, action.strip())
