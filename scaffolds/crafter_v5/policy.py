@@ -461,18 +461,13 @@ def consult(ep, routine):
         if turn.error:
             return
         if turn.actions:   # its reads ran: their results go with the hand-off
-            routine.rewrite_reply(strip_actions(turn.text) or ep.render("consulted").strip())
+            routine.rewrite_reply(ep.remove_ops(turn.text, "ACTION").strip() or ep.render("consulted").strip())
             routine.say(ep.render("handoff", results=section(turn.results)).strip())
             return
         if not memory_ops(turn):
             routine.say(ep.render("handoff", results="").strip())
             return
         routine.say(ep.render("plan_continue", results=turn.results).strip())
-
-
-def strip_actions(text):
-    tags = r"<\|?\s*ACTION\s*\|?>.*?(?:<\|?\s*(?:/\s*ACTION|END)\s*\|?[>}]|$)"
-    return re.sub(r"(?im)^[ \t*]*ACTION[ \t*]*:.*$", "", re.sub(tags, "", text, flags=re.I | re.S | re.M)).strip()
 
 
 def chosen(ep, turn):
