@@ -70,11 +70,11 @@ REFUSED_TABLE = ("ACTION REFUSED: 'Place Table' WILL FAIL: not enough materials 
 
 
 def gate_plan(step, body):
-    """Step 0: Place Table with no wood, a READ beside it; step 1: the same in lower case; then
-    Noop at every step."""
+    """Step 0: Place Table with no wood, a READ beside it; step 1: the same in lower case; step 2:
+    no op and no action (the fallback); then Noop at every step."""
     if step == 0:
         return "<|READ|>progress.txt<|END|> <|ACTION|>Place Table<|END|>"
-    return "<|ACTION|>place table<|END|>" if step == 1 else "<|ACTION|>Noop<|END|>"
+    return {1: "<|ACTION|>place table<|END|>", 2: "I am not sure what to do."}.get(step, "<|ACTION|>Noop<|END|>")
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,13 @@ def test_never_more_than_2_rejections_a_step(gate_run):
                                  "<|ACTION|>action name<|END|>."] * 2
     assert all(r["action"]["executed"] == ("Place Table" if r["step"] < 2 else "Noop") for r in gate_run)
     assert "=== 4 NOOPS IN A ROW ===" in first_prompt(gate_run[6], "plan")
+
+
+def test_a_step_without_an_action_runs_noop_as_a_valid_action(gate_run):
+    """The fallback `noop` is repaired like a committed action: `Noop`, a valid action."""
+    assert gate_run[2]["plan"]["ended"] == "no_ops" and len(gate_run[2]["plan"]["turns"]) == 1
+    assert gate_run[2]["action"] == {"raw": "Noop", "executed": "Noop", "valid": True}
+    assert "Your previous action (step 2): Noop\n" in first_prompt(gate_run[3], "log")
 
 
 def test_goals_txt_is_in_every_plan(gate_run):
