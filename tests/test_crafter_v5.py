@@ -9,7 +9,7 @@ import pytest
 
 import envs
 from agent import (HFBackend, OpenAIBackend, ScriptedServer, all_finished, load_scaffold, make_agent, model_path,
-                   play, run_episodes, tiny_random_path, turn_messages)
+                   play, run_episodes, tiny_random_path)
 
 V5 = load_scaffold("crafter_v5")
 GOALS = V5.initial_files("crafter")["goals.txt"]
@@ -45,12 +45,16 @@ def episode(tmp_path, script, steps, env=None, two_model=False):
 
 def said(record, routine="plan"):
     """The user messages of the routine's conversation after its first one."""
-    turns = record[routine]["turns"]
-    return [m["content"] for m in turn_messages(turns, len(turns) - 1)[1:] if m["role"] == "user"]
+    return [m["content"] for m in record[routine]["messages"][1:] if m["role"] == "user"]
 
 
 def first_prompt(record, routine):
-    return record[routine]["turns"][0]["messages"][0]["content"]
+    return record[routine]["messages"][0]["content"]
+
+
+def turn_input(record, k, routine="plan"):
+    """The messages turn k of the routine was given."""
+    return record[routine]["messages"][:record[routine]["turns"][k]["input_messages"]]
 
 
 def goals_shown(record):
@@ -216,10 +220,10 @@ def test_two_model_routes_log_and_consultation_to_the_specialist_and_the_commit_
     for r in records:
         assert [t["role"] for t in r["plan"]["turns"]] == ["specialist", "base", "base", "base"]
         assert said(r)[1:] == [REFUSED_TABLE, REFUSED_TABLE] and r["action"]["raw"] == "Place Table"
-    assert turn_messages(records[0]["plan"]["turns"], 1)[-2:] == [
+    assert turn_input(records[0], 1)[-2:] == [
         {"role": "assistant", "content": "(memory consulted)"},
         {"role": "user", "content": V5.render("handoff", {"results": ""}).strip()}]
-    handed = turn_messages(records[1]["plan"]["turns"], 1)
+    handed = turn_input(records[1], 1)
     assert handed[-2] == {"role": "assistant", "content": "<|SEARCH|>game_knowledge.txt|Place Table<|END|> so"}
     assert handed[-1]["content"].startswith("[SEARCH game_knowledge.txt|Place Table]\n")
     assert handed[-1]["content"].endswith("The memory consultation is over. Commit your action now, as <|ACTION|>"
