@@ -586,7 +586,7 @@ def _add(costs):
 
 
 def _num(v):
-    return "-" if v is None else f"{v:,.0f}" if v < 1e9 else f"{v:.2e}"
+    return "-" if v is None else f"{v:,.0f}"
 
 
 def table_markdown(summaries):
