@@ -8,7 +8,7 @@
     python eval.py --env all ... --shard $SLURM_ARRAY_TASK_ID/8  # one of 8 independent jobs
     python eval.py summarize runs/A                        # summary.json + report.md, at any time
     python eval.py report runs/A runs/B --plot progression.png
-    python eval.py table runs/table/*/ --out table.md    # the paper's table (scripts/paper_table.sh)
+    python eval.py table runs/A runs/B --out table.md     # the paper's table, a row per agent (paper_table.sh)
     python eval.py replay runs/A runs/B --seed 42 --out replay.html   # side-by-side HTML replay
 
 Defaults are the paper's protocol (PAPER_SEEDS, PAPER_SAMPLING, envs.MAX_STEPS): Crafter seeds
