@@ -174,31 +174,27 @@ def test_map_analysis_as_the_authors_read_the_map():
     assert POLICY["survey"]("@ Agent the Footpad, a line of letters") is None
 
 
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    """A LoRA adapter (random, rank 2) for tiny-random and for SmolLM2-135M: the specialist role."""
+def random_adapter(model, folder):
+    """A LoRA adapter (random, rank 2) for `model`, to serve the specialist role."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
-    out = {}
-    for model in ("tiny-random", "smollm2-135m"):
-        path, kwargs = agent.model_path(model)
-        config = AutoConfig.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
-        out[model] = tmp_path_factory.mktemp(model)
-        get_peft_model(AutoModelForCausalLM.from_config(config),
-                       LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(out[model])
-    return out
+    path, kwargs = agent.model_path(model)
+    config = AutoConfig.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
+    get_peft_model(AutoModelForCausalLM.from_config(config),
+                   LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(folder)
+    return str(folder)
 
 
-@pytest.mark.parametrize("model,steps", [("tiny-random", (2, 2)), ("smollm2-135m", (1, 2))])
-def test_it_plays_on_small_models_with_one_and_two_models(tmp_path, adapters, model, steps):
-    """One-model and two-model episodes end their steps without error (SmolLM2 on CPU: ~2,400
-    prompt tokens a call, so few calls)."""
-    backend = HFBackend(model, adapter=str(adapters[model]), max_new_tokens=4, temperature=1.0, seed=0)
-    for two_model, n in zip((False, True), steps):
-        records, _ = run(tmp_path / str(two_model), backend, n, two_model)
-        assert len(records) == n
+@pytest.mark.parametrize("model,steps", [("tiny-random", 2), ("smollm2-135m", 1)])
+def test_it_plays_on_small_models_with_one_and_two_models(tmp_path, model, steps):
+    """One-model and two-model episodes end their steps without error. SmolLM2 on CPU takes
+    about 2,400 prompt tokens a call: one step each (PLAN; two-model: the specialist, the
+    hand-off, the base model); tiny-random plays two (LOG too)."""
+    backend = HFBackend(model, adapter=random_adapter(model, tmp_path / "adapter"), max_new_tokens=4, seed=0)
+    for two_model in (False, True):
+        records, _ = run(tmp_path / str(two_model), backend, steps, two_model)
+        assert len(records) == steps
         turns = [t for r in records for name in r["routines"] for t in r[name]["turns"]]
         assert all(t["error"] is None and 1 <= t["completion_tokens"] <= 4 for t in turns)
         assert {t["role"] for t in turns} == ({"base", "specialist"} if two_model else {"base"})
-        if n > 1:
-            assert records[1]["routines"] == ["log", "plan"]
+        assert [r["routines"] for r in records] == [["plan"], ["log", "plan"]][:steps]

@@ -338,16 +338,16 @@ def heading(dy, dx):
 def survey(obs):
     """What lies around @, from the text, or None. The player's row is the first line with @
     whose right-stripped text has at least 3 characters and under half letters; the grid is the
-    rows player-15 .. player+14 that are not blank and under 55% letters (and the player's row),
-    right-stripped, closing up; `near` classifies the 8 neighbours, `far` holds the first 3 >
+    rows player-15 .. player+14 that are not blank and under 55% letters, right-stripped,
+    closing up; `near` classifies the 8 neighbours, `far` holds the first 3 >
     in reading order beyond one square, as (distance, direction)."""
     lines = obs.split("\n")
     row = next((i for i, line in enumerate(lines) if "@" in line and len(line.rstrip()) >= 3
                 and letters(line.rstrip()) / len(line.rstrip()) < 0.5), None)
     if row is None:
         return None
-    kept = [i for i in range(max(0, row - 15), min(len(lines), row + 15)) if lines[i].rstrip()
-            and (i == row or letters(lines[i].rstrip()) / len(lines[i].rstrip()) < 0.55)]
+    kept = [i for i in range(max(0, row - 15), min(len(lines), row + 15))
+            if lines[i].rstrip() and letters(lines[i].rstrip()) / len(lines[i].rstrip()) < 0.55]
     grid = [lines[i].rstrip() for i in kept]
     r, c = kept.index(row), lines[row].index("@")
     near = []
