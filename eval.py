@@ -355,7 +355,7 @@ def episode_stats(records):
     info = last.get("info", {})
     return {
         "steps": c["steps"], "progression": last.get("progression", 0.0), "return": ret,
-        "end_status": info.get("end_status") or ("max_steps" if last and not last["done"] else None),
+        "end_status": info.get("end_status") or ("truncated" if last and not last["done"] else None),
         "achievements": info.get("unlocked"), "counts": c,
     }
 
@@ -874,6 +874,15 @@ def print_summary(run, summary):
              if summary["unfinished"] else ""))
 
 
+def default_run_name(args):
+    """<env>_<scaffold>_<model>[+<specialist>] for AutoMem, <env>_<agent>_<model> for BALROG's agents."""
+    model = args.model.split("/")[-1]
+    if args.agent != "memory":
+        return f"{args.env}_{args.agent}_{model}"
+    specialist = f"+{Path(args.specialist.rstrip('/')).name}" if args.specialist else ""
+    return f"{args.env}_{Path(args.scaffold).name}_{model}{specialist}"
+
+
 def run_eval(args):
     scaffold, jobs = check_args(args)
     mine, processes = my_share(jobs, parse_shard(args.shard) if args.shard else (0, 1))
@@ -1118,7 +1127,7 @@ def build_parser():
                    help=f"per model reply (default {PAPER_SAMPLING['max_new_tokens']}; 32 for tiny-random)")
     p.add_argument("--top-p", type=float, default=None,
                    help="sent only when given (default: the model's own generation config)")
-    p.add_argument("--out", default=None, help="run folder (default runs/<env>_<scaffold>_<agent>_<model>)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<env>_<scaffold>_<model>; BALROG's agents: runs/<env>_<agent>_<model>)")
     p.add_argument("--resume", action="store_true", help="skip finished episodes, rerun unfinished ones")
     p.add_argument("--shard", default=None, help="i/n: run share i of n of the episodes (0 <= i < n), as one "
                    "of n independent jobs on the same run folder, e.g. a Slurm array")
@@ -1153,8 +1162,7 @@ def main(argv=None):
         # tiny-random babbles until the cap: a protocol-sized cap makes a smoke run take hours
         args.max_new_tokens = 32 if args.model == "tiny-random" else PAPER_SAMPLING["max_new_tokens"]
     if args.out is None:
-        args.out = str(ROOT / "runs" / f"{args.env}_{Path(args.scaffold).name}_{args.agent}_"
-                       f"{args.model.split('/')[-1]}")
+        args.out = str(ROOT / "runs" / default_run_name(args))
     try:
         return run_eval(args)
     except UsageError as e:

@@ -178,7 +178,7 @@ def test_behaviour_metrics_on_hand_built_traces():
     assert b["mean_prompt_tokens_per_step"] == (10 + 10 + 10 + 30) / 4
     assert b["log_writes_per_search"] == 5 / 2          # APPEND x2, UPSERT, WRITE, DELETE / 2 SEARCH
     assert b["invalid_action_rate"] == 0.25 and s["counts"]["parse_errors"] == 1
-    assert s["return"] == 2.0 and s["end_status"] == "max_steps"
+    assert s["return"] == 2.0 and s["end_status"] == "truncated"
     # BALROG's standard error: population std (sqrt(200 / 3)) / sqrt(3)
     assert ev.mean_se([10.0, 20.0, 30.0]) == {"mean": 20.0, "stderr": pytest.approx(200 ** 0.5 / 3), "n": 3}
     assert ev.mean_se([7.0]) == {"mean": 7.0, "stderr": 0.0, "n": 1}
