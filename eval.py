@@ -343,14 +343,15 @@ def episode_stats(records):
                 if op.get("error"):
                     c["parse_errors"] += 1
                     continue
-                if op["op"] in CONTENT_WRITES or (kind == "write" and op["op"] not in ALL_OPS):
+                wrote = "errors" not in flags   # a refused write, or a scaffold op that raised, wrote nothing
+                if wrote and (op["op"] in CONTENT_WRITES or (kind == "write" and op["op"] not in ALL_OPS)):
                     c["writes"] += 1
                     c["redundant"] += "redundant" in flags
                 if op["op"] == "SEARCH":
                     c["searches"] += 1
                     c["empty_searches"] += "empty" in flags
                 if phase == "log":   # a scaffold's own reads count as searches, as its writes count as writes
-                    c["log_writes"] += kind == "write"
+                    c["log_writes"] += kind == "write" and wrote
                     c["log_searches"] += op["op"] == "SEARCH" or (kind == "read" and op["op"] not in ALL_OPS)
     info = last.get("info", {})
     return {

@@ -250,7 +250,7 @@ def line_changes(old, new):
                 extra[line] -= 1
                 out.append(line)
         return out
-    old_lines, new_lines = old.split("\n")[:-1], new.split("\n")[:-1]
+    old_lines, new_lines = old.splitlines(), new.splitlines()
     return excess(old_lines, new_lines), excess(new_lines, old_lines)
 
 

@@ -67,8 +67,8 @@ def test_upsert_map_replaces_the_line_of_its_square(tmp_path):
         "appended": ["(9,9): appended"],
         "edited": [{"op": "UPSERT_MAP", "removed": ["(3,4): floor"], "added": ["(3,4): stairs down|under a boulder"]}]}
     assert ag.fs.read("dungeon_map.txt") == "(5,6): door east\n(9,9): appended\n(3,4): stairs down|under a boulder\n"
-    counts = ev.episode_stats(records[:2])["counts"]
-    assert counts["writes"] == 2 and counts["log_writes"] == 2
+    counts = ev.episode_stats(records)["counts"]   # the malformed one wrote nothing: not a write
+    assert counts["writes"] == 4 and counts["log_writes"] == 5 and counts["parse_errors"] == 0
     log_prompt, plan_prompt = first_prompt(records[1], "log"), first_prompt(records[1], "plan")
     assert "<|UPSERT_MAP|>x,y|description<|END|>  set the line of square (x,y)" in log_prompt
     assert "<|WRITE|>" not in log_prompt and "<|UPSERT_MAP|>x,y" in plan_prompt   # spatial guidance names it

@@ -229,7 +229,7 @@ def consult(ep, routine):
         if turn.error:
             return
         if turn.actions:   # its reads ran: their results go with the hand-off
-            routine.rewrite_reply(strip_actions(turn.text) or ep.render("consulted").strip())
+            routine.rewrite_reply(ep.remove_ops(turn.text, "ACTION") or ep.render("consulted").strip())
             routine.say(ep.render("handoff", results=section(turn.results)).strip())
             return
         if not memory_ops(turn):
@@ -238,13 +238,9 @@ def consult(ep, routine):
         routine.say(ep.render("plan_continue", results=turn.results).strip())
 
 
-def strip_actions(text):
-    tags = r"<\|?\s*ACTION\s*\|?>.*?(?:<\|?\s*(?:/\s*ACTION|END)\s*\|?[>}]|$)"
-    return re.sub(r"(?im)^[ \t*]*ACTION[ \t*]*:.*$", "", re.sub(tags, "", text, flags=re.I | re.S | re.M)).strip()
-
-
 def committed(ep, turn):
-    """Each committed action repaired; the first the game accepts wins, else the first."""
+    """Each committed action repaired (the authors' pick first); the first the game accepts
+    wins, else the authors' pick."""
     repaired = [repair(a) for a in turn.actions]
     return next((a for a in repaired if ep.action_name(a) == a), repaired[0])
 
