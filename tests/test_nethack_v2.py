@@ -25,20 +25,24 @@ def run(tmp_path, backend, steps, two_model=False):
     return [json.loads(json.dumps(r)) for r in records], ag
 
 
-def scripted(tmp_path, steps, log=(), plan=lambda n: "<|ACTION|>search<|END|>"):
+def scripted(tmp_path, steps, log=(), plan=lambda n: "<|ACTION|>search<|END|>", specialist=None):
     """NetHack seed 42 against a scripted model: the LOG of step N answers log[N - 1] (else DONE),
-    the n-th PLAN turn answers plan(n)."""
+    the n-th PLAN turn answers plan(n); with `specialist` (two-model mode) the specialist's
+    turns answer specialist(first message)."""
     plans = []
 
     def reply(body):
         first = body["messages"][0]["content"]
+        if body["model"] == "memory-lora":
+            return specialist(first)
         if first.startswith("MEMORY UPDATE"):
             step = int(re.search(r"\(step (\d+)\)", first).group(1)) + 1
             return log[step - 1] if step <= len(log) else "<|DONE|>"
         plans.append(first)
         return plan(len(plans) - 1)
     with ScriptedServer(reply) as server:
-        return run(tmp_path, OpenAIBackend(server.url, "m", max_retries=0), steps)
+        backend = OpenAIBackend(server.url, "m", specialist=specialist and "memory-lora", max_retries=0)
+        return run(tmp_path, backend, steps, two_model=specialist is not None)
 
 
 def first_prompt(record, routine):
@@ -132,6 +136,33 @@ def test_back_and_forth_moves_get_the_oscillation_warning(tmp_path):
     assert ("(3 reversals in your last 5 moves: west -> east -> west -> south -> north)"
             in first_prompt(records[5], "plan"))
     assert "Recent actions: west, east, west, south, north\n" in first_prompt(records[5], "plan")
+
+
+def test_two_model_the_specialist_logs_and_consults_the_base_model_commits(tmp_path):
+    """nethack_v2_twomodel: LOG on the specialist; in PLAN its ACTION is removed before the
+    hand-off (a reply left empty becomes a placeholder), and the base model commits."""
+    def specialist(first):
+        if first.startswith("MEMORY UPDATE"):
+            return "<|UPSERT_MAP|>1,2|floor<|END|><|DONE|>"
+        return ("<|ACTION|>west<|END|>" if "Step:0" in first
+                else "<|READ|>dungeon_map.txt<|END|> so: <|ACTION|>west<|END|>")
+    records, ag = scripted(tmp_path, 2, plan=lambda n: "<|ACTION|>east<|END|>", specialist=specialist)
+    assert [[t["role"] for name in r["routines"] for t in r[name]["turns"]] for r in records] == [
+        ["specialist", "base"], ["specialist", "specialist", "base"]]
+    assert [r["action"]["raw"] for r in records] == ["east", "east"]
+    assert ag.fs.read("dungeon_map.txt") == "(1,2): floor\n"
+    first, second = (agent.turn_messages(r["plan"]["turns"], 1)[1:] for r in records)
+    assert first == [{"role": "assistant", "content": "(memory consultation done)"},
+                     {"role": "user", "content": V2.render("handoff", {"results": ""}).strip()}]
+    assert second[0] == {"role": "assistant", "content": "<|READ|>dungeon_map.txt<|END|> so:"}
+    assert second[1]["content"].startswith("[READ dungeon_map.txt]\ndungeon_map.txt (1 line):\n(1,2): floor\n\n"
+                                           "The memory consultation is over.")
+
+
+def test_it_plays_nethack_only(tmp_path):
+    assert V2.games == ("nle",)
+    with pytest.raises(agent.ScaffoldError, match="scaffold nethack_v2 plays nle, not minihack"):
+        make_agent("memory", envs.make_env("minihack", "MiniHack-Corridor-R3-v0"), V2, tmp_path / "mem")
 
 
 MAP = """map:

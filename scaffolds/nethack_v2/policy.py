@@ -57,14 +57,15 @@ def step(ep):
     same = s["previous"] is not None and obs.strip() == s["previous"].strip()
     s["unchanged"] = s["unchanged"] + 1 if same else 0
     around = survey(obs)
+    seen = analysis(around)
     status = read_status(obs)
     if "position" in status:
         s["visited"].add(status["position"])
     if ep.step > 0:
-        yield from log(ep, obs, analysis(around))
+        yield from log(ep, obs, seen)
         prune(ep)
     rewrite_status_files(ep, status)
-    action = yield from plan(ep, obs, around, status)
+    action = yield from plan(ep, obs, around, seen, status)
     s["fell_back"] = action is None
     s["returned"] = ep.fallback if action is None else action
     s["recent"] = (s["recent"] + [s["returned"].strip().lower()])[-20:]
@@ -108,7 +109,7 @@ def memory_ops(turn):
 
 # ---------------------------------------------------------------- LOG and what follows it --
 
-def log(ep, obs, analysis_text):
+def log(ep, obs, seen):
     ops = ep.data["ops"]["log"]
     routine = ep.routine("log", ops, order=ops)   # grouped by type: UPSERT_MAP after APPEND, before WRITE
     if previous_valid(ep):
@@ -117,7 +118,7 @@ def log(ep, obs, analysis_text):
         previous = ep.render("previous_invalid", step=ep.step - 1, output=ep.state["returned"],
                              executed=ep.previous_action["executed"])
     routine.say(ep.render("log", previous=section(previous), unchanged=section(unchanged_note(ep)),
-                          spatial=section(ep.render("spatial")), analysis=section(analysis_text),
+                          spatial=section(ep.render("spatial")), analysis=section(seen),
                           observation=obs, files=ep.file_index()).strip())
     role = "specialist" if ep.two_model else "base"
     for _ in range(ep.data["limits"]["log_turns"]):
@@ -184,7 +185,7 @@ def rewrite_status_files(ep, status):
 
 # ---------------------------------------------------------------- PLAN ---------------------
 
-def plan(ep, obs, around, status):
+def plan(ep, obs, around, seen, status):
     """The PLAN routine; returns the committed action, repaired, or None (the fallback runs). In
     two-model mode the specialist consults first, then the base model continues the same
     conversation with the whole PLAN loop."""
@@ -197,7 +198,7 @@ def plan(ep, obs, around, status):
     routine.say(ep.render("plan", urgency=section(urgency), instruction=ep.render("instruction").strip(),
                           spatial=section(ep.render("spatial")), stuck=section(stuck),
                           oscillation=section(oscillation(ep)), status=section(status_block(ep, status)),
-                          analysis=section(analysis(around)), files=ep.file_index(), observation=obs,
+                          analysis=section(seen), files=ep.file_index(), observation=obs,
                           reminder="\n\n" + reminder.strip() if reminder else "").strip())
     if ep.two_model:
         yield from consult(ep, routine)
@@ -365,7 +366,8 @@ def analysis(around):
         ("STAIRS NEXT TO YOU", [f"{name}: {ch} {kind}" + (", go there!" if ch == ">" else "")
                                 for name, ch, kind in near if kind.startswith("stairs")]),
         ("STAIRS DOWN ON THE MAP", [f"> about {d} squares {where}" for d, where in around["far"]]),
-        ("MONSTERS NEXT TO YOU", [f"{name}: {ch} (move into it to attack)" for name, ch, kind in near if kind == "monster"]),
+        ("MONSTERS NEXT TO YOU", [f"{name}: {ch} (move into it to attack)"
+                                  for name, ch, kind in near if kind == "monster"]),
         ("DOORS NEXT TO YOU", [f"{name}: + closed door (open it)" for name, _, kind in near if kind == "door"]),
         ("DANGER NEXT TO YOU", [f"{name}: {ch}" for name, ch, kind in near if kind == "danger"]),
         ("YOU CAN MOVE", [f"{name} ({ch} {kind})" for name, ch, kind in near if kind in PASSABLE]),
