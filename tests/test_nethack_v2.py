@@ -46,7 +46,7 @@ def scripted(tmp_path, steps, log=(), plan=lambda n: "<|ACTION|>search<|END|>", 
 
 
 def first_prompt(record, routine):
-    return record[routine]["turns"][0]["messages"][0]["content"]
+    return record[routine]["messages"][0]["content"]
 
 
 def test_upsert_map_replaces_the_line_of_its_square(tmp_path):
@@ -99,6 +99,10 @@ def test_status_and_inventory_files_are_rewritten_between_log_and_plan(tmp_path)
                                         + inventory)
     assert records[1]["memory_diff"]["current_status.txt"] == {"replaced": now + "\n"}
     assert ag.fs.read("inventory.txt") == "INVENTORY (rewritten by code at every step)\n" + inventory + "\n"
+    # the observation as the authors' environment wrapper gave it: distances as step counts
+    assert ("language observation:\nvertical wall 5-8 steps away east\nhorizontal wall 3-4 steps away southeast "
+            "and south\n") in first_prompt(records[0], "plan")
+    assert "tame little dog 1 step away (directly reachable) west\n" in first_prompt(records[0], "plan")
     # PLAN's status block; the visited-tile count is 0, as the authors' regex never matches BALROG's cursor
     assert ("GAME STATUS\nDlvl:1 | HP:13/13 (100%) | Hunger:Normal | Xp:1 | Step:1\nRecent actions: far west\n"
             "Tiles explored: 0\n\nMAP ANALYSIS (computed from the map around @):\n") in first_prompt(records[1], "plan")
@@ -151,7 +155,7 @@ def test_two_model_the_specialist_logs_and_consults_the_base_model_commits(tmp_p
         ["specialist", "base"], ["specialist", "specialist", "base"]]
     assert [r["action"]["raw"] for r in records] == ["east", "east"]
     assert ag.fs.read("dungeon_map.txt") == "(1,2): floor\n"
-    first, second = (agent.turn_messages(r["plan"]["turns"], 1)[1:] for r in records)
+    first, second = (r["plan"]["messages"][1:r["plan"]["turns"][1]["input_messages"]] for r in records)
     assert first == [{"role": "assistant", "content": "(memory consultation done)"},
                      {"role": "user", "content": V2.render("handoff", {"results": ""}).strip()}]
     assert second[0] == {"role": "assistant", "content": "<|READ|>dungeon_map.txt<|END|> so:"}

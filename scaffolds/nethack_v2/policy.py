@@ -24,6 +24,11 @@ PASSABLE = ("stairs down", "stairs up", "door", "floor", "item", "monster")
 HUNGER = ("Satiated", "Hungry", "Weak", "Fainting")
 CONDITIONS = ("FoodPois", "Ill", "Conf", "Stun", "Hallu", "Blind")
 MAP_FILE = "dungeon_map.txt"
+# BALROG's distance words -> the authors' step counts ("very near" before "near")
+DISTANCE_WORDS = ((r"\bvery far\b", "9+ steps away"), (r"\bvery near\b", "2 steps away"),
+                  (r"\bfar\b", "5-8 steps away"), (r"\bnear\b", "3-4 steps away"),
+                  (r"\badjacent\b", "1 step away (directly reachable)"))
+BETWEEN = r"\b(north|south|east|west)((?:north|south)(?:east|west))\b"   # eastnortheast
 
 
 # ---------------------------------------------------------------- UPSERT_MAP ---------------
@@ -81,13 +86,22 @@ def previous_valid(ep):
     return ep.previous_action["valid"]
 
 
+def authors_text(text):
+    """The game's text as the authors' environment wrapper handed it to their agents: BALROG's
+    distance words as step counts, 16-point compass words spelled out."""
+    for word, steps in DISTANCE_WORDS:
+        text = re.sub(word, steps, text)
+    return re.sub(BETWEEN, r"between \1 and \2", text)
+
+
 def observation(ep):
-    """Long-term context, a new line, short-term context; BALROG's note first after an invalid output."""
+    """Long-term context, a new line, short-term context, as the authors' wrapper gave them;
+    BALROG's note first after an invalid output."""
     obs = ep.observation
-    long_term = obs["long_term"]
+    long_term = authors_text(obs["long_term"])
     if ep.step > 0 and not previous_valid(ep):
         long_term = ep.render("invalid_feedback", executed=ep.previous_action["executed"]) + long_term
-    return long_term + "\n" + obs["short_term"]
+    return long_term + "\n" + authors_text(obs["short_term"])
 
 
 def unchanged_note(ep):
@@ -178,7 +192,7 @@ def rewrite_status_files(ep, status):
     if s["recent"]:
         lines += ["", "RECENT ACTIONS (oldest first)"] + [f"  {a}" for a in s["recent"][-10:]]
     ep.write("current_status.txt", "\n".join(lines))
-    inventory = ep.observation["short_term"].strip()
+    inventory = authors_text(ep.observation["short_term"]).strip()
     if inventory:
         ep.write("inventory.txt", "INVENTORY (rewritten by code at every step)\n" + inventory)
 
