@@ -51,9 +51,11 @@ def first_prompt(record, routine):
 
 def test_upsert_map_replaces_the_line_of_its_square(tmp_path):
     """UPSERT_MAP (LOG only): (x,y) or x,y; the square's old line goes, the new one comes last;
-    it runs after APPEND and before CREATE whatever the text order; the diff shows what it changed."""
+    it runs after APPEND and before WRITE and CREATE whatever the text order; the diff shows what
+    it changed."""
     log = ["<|UPSERT_MAP|>(3, 4)|floor<|END|><|UPSERT_MAP|>5,6|door east<|END|><|DONE|>",
-           "<|CREATE|>notes.txt<|END|><|UPSERT_MAP|>3,4|stairs down|under a boulder<|END|>"
+           "<|CREATE|>notes.txt<|END|><|WRITE|>todo.txt|look east<|END|>"
+           "<|UPSERT_MAP|>3,4|stairs down|under a boulder<|END|>"
            "<|UPSERT_MAP|>x=1,y=2|bad<|END|><|APPEND|>dungeon_map.txt|(9,9): appended<|END|><|DONE|>"]
     records, ag = scripted(tmp_path, 3, log)
     first = records[1]["log"]["turns"][0]["ops"]
@@ -64,7 +66,7 @@ def test_upsert_map_replaces_the_line_of_its_square(tmp_path):
         {"op": "UPSERT_MAP", "removed": [], "added": ["(3,4): floor"]},
         {"op": "UPSERT_MAP", "removed": [], "added": ["(5,6): door east"]}]}
     second = records[2]["log"]["turns"][0]["ops"]
-    assert [o["op"] for o in second] == ["APPEND", "UPSERT_MAP", "UPSERT_MAP", "CREATE", "DONE"]
+    assert [o["op"] for o in second] == ["APPEND", "UPSERT_MAP", "UPSERT_MAP", "WRITE", "CREATE", "DONE"]
     assert second[2]["result"] == ("error: UPSERT_MAP failed: ValueError: the square is two whole numbers x,y, "
                                    "not 'x=1,y=2': <|UPSERT_MAP|>12,5|door, leads east<|END|>")
     assert records[2]["memory_diff"]["dungeon_map.txt"] == {
@@ -72,7 +74,7 @@ def test_upsert_map_replaces_the_line_of_its_square(tmp_path):
         "edited": [{"op": "UPSERT_MAP", "removed": ["(3,4): floor"], "added": ["(3,4): stairs down|under a boulder"]}]}
     assert ag.fs.read("dungeon_map.txt") == "(5,6): door east\n(9,9): appended\n(3,4): stairs down|under a boulder\n"
     counts = ev.episode_stats(records)["counts"]   # the malformed one wrote nothing: not a write
-    assert counts["writes"] == 4 and counts["log_writes"] == 5 and counts["parse_errors"] == 0
+    assert counts["writes"] == 5 and counts["log_writes"] == 6 and counts["parse_errors"] == 0
     log_prompt, plan_prompt = first_prompt(records[1], "log"), first_prompt(records[1], "plan")
     assert "<|UPSERT_MAP|>x,y|description<|END|>  set the line of square (x,y)" in log_prompt
     assert "<|WRITE|>" not in log_prompt and "<|UPSERT_MAP|>x,y" in plan_prompt   # spatial guidance names it
