@@ -133,6 +133,13 @@ def op(name, *flags, error=None):
     return {"op": name, "args": [], "error": error, "result": "", **({"flags": list(flags)} if flags else {})}
 
 
+def test_writes_that_failed_are_not_counted():
+    """A refused APPEND, or a scaffold write op whose handler raised, wrote nothing."""
+    upsert = lambda *flags: {**op("UPSERT_MAP", *flags), "kind": "write"}  # noqa: E731
+    s = ev.episode_stats([record("A", "B", [op("APPEND", "errors"), upsert("errors"), op("APPEND"), upsert()])])
+    assert s["counts"]["writes"] == 2 and s["counts"]["log_writes"] == 2
+
+
 def test_behaviour_metrics_on_hand_built_traces():
     records = [
         record("A", "B", ops_plan=[op("SEARCH", "empty")]),                       # moved
