@@ -861,7 +861,6 @@ def propose(args):
 # "wall_s" and "wall_s_earlier" are no longer written: kept so runs made before still compare.
 GATE_FREE = ("scaffold", "scaffold_path", "scaffold_hash", "concurrency", "wall_s", "wall_s_earlier",
              "git_commit", "versions", "command")
-EXACT_UP_TO = 16           # sign-flip tests on up to 2^16 patterns are enumerated exactly
 TEST = "one-sided paired sign-flip test"
 
 
@@ -900,30 +899,9 @@ def progressions(run):
             for key in ev.finished_episodes(run)}
 
 
-def sign_flip_p(diffs, flips=100_000, seed=0):
-    """One-sided p-values of the paired sign-flip (permutation) test of mean > 0, one per row of
-    `diffs`. Under "the candidate is no better", each paired difference is as likely positive
-    as negative, so flipping signs gives the statistic's null distribution: exact for any
-    distribution of differences (bounded, skewed and tied, as progression is) and any number of
-    seeds, where a t-test assumes normality and a percentile bootstrap is anti-conservative for
-    the 10-30 pairs a gate has. Up to EXACT_UP_TO pairs every pattern is enumerated; beyond,
-    `flips` random patterns give a valid Monte-Carlo p-value, (1 + hits) / (1 + flips)."""
-    d = np.atleast_2d(np.asarray(diffs, dtype=float))
-    n = d.shape[1]
-    exact = n <= EXACT_UP_TO
-    signs = (1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1) if exact else
-             np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=(flips, n)))
-    out = np.empty(len(d))
-    for i in range(0, len(d), 64):
-        chunk = d[i:i + 64]
-        hits = (chunk @ signs.T >= chunk.sum(1, keepdims=True) - 1e-7).sum(1)
-        out[i:i + 64] = hits / len(signs) if exact else (1 + hits) / (1 + flips)
-    return out
-
-
 def describe_test(n, flips=100_000):
     return (f"{TEST}, " +
-            (f"exact over all 2^{n} sign patterns" if n <= EXACT_UP_TO else f"{flips:,} random sign patterns"))
+            (f"exact over all 2^{n} sign patterns" if n <= ev.EXACT_UP_TO else f"{flips:,} random sign patterns"))
 
 
 def gate(args):
@@ -934,7 +912,7 @@ def gate(args):
     a, b = progressions(base), progressions(cand)
     keys = sorted(a)
     diffs = np.array([100 * (b[k] - a[k]) for k in keys])
-    p = float(sign_flip_p(diffs)[0])
+    p = float(ev.sign_flip_p(diffs)[0])
     accept = p <= args.alpha
     mean_a, mean_b = 100 * np.mean([a[k] for k in keys]), 100 * np.mean([b[k] for k in keys])
     se = diffs.std(ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
@@ -995,7 +973,7 @@ def power(args):
           + f"{'old rule':>10}")
     for n in sorted(set(args.episodes) | {len(a)}):   # this run's own size too
         draws = rng.choice(null, size=(args.sims, n))
-        rates = [float(np.mean(sign_flip_p(draws + g, flips=2000, seed=args.seed) <= args.alpha)) for g in gains]
+        rates = [float(np.mean(ev.sign_flip_p(draws + g, flips=2000, seed=args.seed) <= args.alpha)) for g in gains]
         old = float(np.mean(draws.mean(1) > 0))
         print(f"{n:>14}{rates[0]:>14.3f}" + "".join(f"{r:>15.3f}" for r in rates[1:]) + f"{old:>10.3f}")
     print("(old rule: accept whenever the candidate's mean is higher, its false-accept rate)")

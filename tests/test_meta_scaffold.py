@@ -271,13 +271,13 @@ def gate(base, cand, tmp_path, *extra):
 
 
 def test_sign_flip_p_values_are_exact():
-    assert ms.sign_flip_p([5.0] * 6)[0] == 1 / 64
-    assert ms.sign_flip_p([5.0] * 4)[0] == 1 / 16          # 4 wins of 4: the old rule accepts, this does not
-    assert ms.sign_flip_p([0.0] * 8)[0] == 1.0
+    assert ev.sign_flip_p([5.0] * 6)[0] == 1 / 64
+    assert ev.sign_flip_p([5.0] * 4)[0] == 1 / 16          # 4 wins of 4: the old rule accepts, this does not
+    assert ev.sign_flip_p([0.0] * 8)[0] == 1.0
     d = np.random.default_rng(0).normal(1, 3, 11)
     brute = np.mean([np.dot(s, d) >= d.sum() - 1e-9 for s in itertools.product((-1, 1), repeat=11)])
-    assert ms.sign_flip_p(d)[0] == pytest.approx(brute)
-    p = ms.sign_flip_p([5.0] * 20)[0]                        # Monte Carlo: (1 + hits) / (1 + 100000)
+    assert ev.sign_flip_p(d)[0] == pytest.approx(brute)
+    p = ev.sign_flip_p([5.0] * 20)[0]                        # Monte Carlo: (1 + hits) / (1 + 100000)
     assert p == pytest.approx(1 / 100_001) or p == pytest.approx(2 / 100_001)   # all +: 2^-20 flips tie
 
 
@@ -292,11 +292,11 @@ def test_gate_false_accept_rate_under_the_papers_noise():
         base = crafter_noise(rng, level)
         diffs += [100 * (crafter_noise(rng, level) - base) for _ in range(5)]
     diffs = np.array(diffs)
-    accepted = ms.sign_flip_p(diffs, flips=4000) <= 0.05
+    accepted = ev.sign_flip_p(diffs, flips=4000) <= 0.05
     assert accepted.mean() <= 0.06
     assert (accepted.reshape(200, 5).sum(1) >= 2).mean() <= 0.06
     assert (diffs.mean(1) > 0).mean() >= 0.4                    # the old rule
-    assert (ms.sign_flip_p(diffs + 10, flips=4000) <= 0.05).mean() >= 0.9
+    assert (ev.sign_flip_p(diffs + 10, flips=4000) <= 0.05).mean() >= 0.9
 
 
 def test_five_noise_only_candidates_at_most_one_accepted(tmp_path):
