@@ -426,7 +426,8 @@ CONFIDENCE = 0.95
 STATS_SEED = 0         # fixed, so that a report is the same every time it is made
 INTERVALS_NOTE = (f"Intervals: {CONFIDENCE * 100:g} % percentile bootstrap over episodes, stratified (each task of a game "
                   f"resampled on its own: MiniHack's tasks, and each game), {RESAMPLES:,} resamples with seed "
-                  f"{STATS_SEED} (scipy.stats.bootstrap). IQM: the interquartile mean, the mean of the middle 50 % "
+                  f"{STATS_SEED} (scipy.stats.bootstrap), expanded for few episodes (Hesterberg 2015: a plain "
+                  "percentile interval of 10 episodes covers about 91 %). IQM: the interquartile mean, the mean of the middle 50 % "
                   "of a game's episodes (scipy.stats.trim_mean, 25 % cut at each end). Overall: the mean of the "
                   "games' figures, as BALROG's overall.")
 
@@ -447,17 +448,27 @@ def _over_games(statistic, strata_per_game):
     return pooled
 
 
-def bootstrap_interval(strata, statistic, seed=STATS_SEED):
-    """(low, high) of the percentile-bootstrap interval of statistic(*strata), each stratum (an
-    array of episode scores) resampled on its own, and why it is degenerate (None: it is not).
-    One episode in a stratum gives no interval; equal scores everywhere one of no width."""
+def expanded_level(strata):
+    """The level at which a percentile interval gets CONFIDENCE coverage from few episodes: its
+    spread is the plug-in standard deviation (sqrt((n-1)/n) of the usual one) and its tails are
+    normal, so at 10 episodes a 95 % percentile interval covers about 91 %. Hesterberg's expanded
+    percentile interval (The American Statistician, 2015) widens it to a t interval's width."""
+    from scipy import stats
+    n, df = min(len(s) for s in strata), sum(len(s) for s in strata) - len(strata)
+    return float(2 * stats.norm.cdf(np.sqrt(n / (n - 1)) * stats.t.ppf((1 + CONFIDENCE) / 2, df)) - 1)
+
+
+def bootstrap_interval(strata, statistic, resamples=RESAMPLES, seed=STATS_SEED):
+    """(low, high) of the expanded percentile-bootstrap interval of statistic(*strata), each
+    stratum (an array of episode scores) resampled on its own, and why it is degenerate (None: it
+    is not). One episode in a stratum gives no interval; equal scores everywhere one of no width."""
     from scipy import stats
     if any(len(s) < 2 for s in strata):
         return None, "a task with a single episode: no interval"
     if len({float(v) for s in strata for v in s}) == 1:
         v = float(statistic(*strata))
         return (v, v), "every episode scored the same: the interval has no width"
-    res = stats.bootstrap(strata, statistic, n_resamples=RESAMPLES, confidence_level=CONFIDENCE,
+    res = stats.bootstrap(strata, statistic, n_resamples=resamples, confidence_level=expanded_level(strata),
                           method="percentile", vectorized=True, rng=np.random.default_rng(seed))
     return tuple(float(x) for x in res.confidence_interval), None
 
@@ -758,12 +769,12 @@ def compare_markdown(summaries, pairs=None):
             agent_name += " + specialist"
         lines.append(f"| {s['run']} | {s.get('model')} | {s.get('scaffold')} | {agent_name} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "| run | game | episodes | mean, 95 % CI | IQM | IQM, 95 % CI |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| run | game | episodes | mean | 95 % CI | IQM | 95 % CI |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in summaries:
         rows = [(e, s["envs"][e]["intervals"], s["envs"][e]["progression_pct"]["n"]) for e in envs_seen if e in s["envs"]]
         if len(rows) > 1:
             rows.append(("overall", s["overall_intervals"], sum(n for _, _, n in rows)))
-        lines += [f"| {s['run']} | {e} | {n} | {_ci(iv['mean_ci'])} | {iv['iqm']:.2f} | {_ci(iv['iqm_ci'])} |"
+        lines += [f"| {s['run']} | {e} | {n} | {iv['mean']:.2f} | {_ci(iv['mean_ci'])} | {iv['iqm']:.2f} | {_ci(iv['iqm_ci'])} |"
                   for e, iv, n in rows]
     lines += ["", "| run | LLM calls | prompt tokens | completion tokens | tokens per step |", "| --- | --- | --- | --- | --- |"]
     for s in summaries:
@@ -831,36 +842,57 @@ PAIRED_NOTE = (
 
 
 def plot_progression(summaries, out):
-    """Progression per run with standard-error bars, one panel per game, and the frontier
-    models of the BALROG leaderboard as horizontal lines (as in the paper's figure)."""
+    """Per game, top: each run's mean progression with its 95 % bootstrap interval and its IQM,
+    beside the paper's rows (BALROG's frontier models dashed, the paper's AutoMem rows dotted);
+    bottom: the score distribution, the fraction of episodes above each progression level, one
+    line per run. A run off the paper's protocol is marked † and the figure says how."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ref = json.loads(REFERENCE.read_text())["rows"]
-    frontier = [r for r in ref if r["group"].startswith("frontier")]
+    references = [(r, "--") for r in ref if r["group"].startswith("frontier")] + \
+                 [(r, ":") for r in ref if r["group"].startswith("AutoMem")]
     envs_seen = sorted({e for s in summaries for e in s["envs"]})
-    fig, axes = plt.subplots(1, len(envs_seen), figsize=(4.2 * len(envs_seen) + 1, 4.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(envs_seen), figsize=(4.6 * len(envs_seen) + 1, 8.4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, env_name in zip(axes[0], envs_seen):
+    levels = np.linspace(0, 100, 401)
+    for (ax, dist), env_name in zip(axes.T, envs_seen):
         runs = [s for s in summaries if env_name in s["envs"]]
-        means = [s["envs"][env_name]["progression_pct"]["mean"] for s in runs]
-        errs = [s["envs"][env_name]["progression_pct"]["stderr"] for s in runs]
-        x = range(len(runs))
-        bars = ax.bar(x, means, yerr=errs, capsize=4, color="#4C72B0", alpha=0.85)
+        ivs = [s["envs"][env_name]["intervals"] for s in runs]
+        means = np.array([iv["mean"] for iv in ivs])
+        cis = np.array([iv["mean_ci"] or (iv["mean"], iv["mean"]) for iv in ivs])
+        x = np.arange(len(runs))
+        bars = ax.bar(x, means, yerr=[means - cis[:, 0], cis[:, 1] - means], capsize=4, color="#4C72B0",
+                      alpha=0.85, label="mean, 95 % CI")
+        ax.scatter(x, [iv["iqm"] for iv in ivs], marker="D", color="black", zorder=3, s=18, label="IQM")
         ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=2, fontsize=8)
-        ax.set_xticks(list(x), [s["run"] for s in runs], rotation=30, ha="right", fontsize=8)
-        for i, r in enumerate(frontier):
-            ax.axhline(r[env_name][0], ls="--", lw=1, color=colors[(i + 1) % len(colors)],
-                       label=f"{r['agent']} {r[env_name][0]:.1f}")
-        top = max([m + e for m, e in zip(means, errs)] + [r[env_name][0] for r in frontier] + [1])
-        ax.set_ylim(0, top * 1.45)  # headroom: the legend sits above the reference lines
+        names = [s["run"] + " †" * bool(off_protocol(s, env_name)) for s in runs]
+        ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+        for i, (r, style) in enumerate(references):
+            color = colors[(i + 1) % len(colors)]
+            ax.axhline(r[env_name][0], ls=style, lw=1, color=color, label=f"{r['agent']} {r[env_name][0]:.1f}")
+            dist.axvline(r[env_name][0], ls=style, lw=0.8, color=color)
+        top = max([*cis[:, 1], *(r[env_name][0] for r, _ in references), 1])
+        ax.set_ylim(0, top * 1.7)  # headroom: the legend sits above the reference lines
         ax.set_title(env_name)
         ax.set_ylabel("progression (%)")
-        ax.legend(fontsize=7, loc="upper left", ncol=2, framealpha=0.9)
+        ax.legend(fontsize=6, loc="upper left", ncol=2, framealpha=0.9)
+        for k, (s, name) in enumerate(zip(runs, names)):
+            scores = np.asarray(s["envs"][env_name]["scores_pct"])
+            dist.step(levels, (scores[:, None] > levels).mean(0), where="post", color=colors[k % len(colors)],
+                      label=f"{name} ({len(scores)})")
+        dist.set_xlabel("progression level (%); reference means as vertical lines")
+        dist.set_ylabel("fraction of episodes above")
+        dist.set_ylim(0, 1.05)
+        dist.legend(fontsize=7, loc="upper right")
     models = sorted({str(s.get("model")) for s in summaries})
-    fig.suptitle("Progression (mean ± s.e.)  model: " + ", ".join(models), fontsize=10)
-    fig.tight_layout()
+    fig.suptitle("Progression: mean with 95 % stratified-bootstrap CI, IQM\nmodel: " + ", ".join(models), fontsize=10)
+    flagged = sorted({s["run"] for s in summaries for e in s["envs"] if off_protocol(s, e)})
+    if flagged:
+        fig.text(0.01, 0.005, f"† not the paper's protocol, not comparable with its rows: {', '.join(flagged)} "
+                 "(eval.py report lists how)", fontsize=8, color="darkred")
+    fig.tight_layout(rect=(0, 0.03 if flagged else 0, 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
