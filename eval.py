@@ -467,10 +467,10 @@ def bootstrap_interval(strata, statistic, resamples=RESAMPLES, seed=STATS_SEED):
         return None, "a task with a single episode: no interval"
     if len({float(v) for s in strata for v in s}) == 1:
         v = float(statistic(*strata))
-        return (v, v), "every episode scored the same: the interval has no width"
+        return [v, v], "every episode scored the same: the interval has no width"
     res = stats.bootstrap(strata, statistic, n_resamples=resamples, confidence_level=expanded_level(strata),
                           method="percentile", vectorized=True, rng=np.random.default_rng(seed))
-    return tuple(float(x) for x in res.confidence_interval), None
+    return [float(x) for x in res.confidence_interval], None
 
 
 def interval_estimates(games):
@@ -481,9 +481,8 @@ def interval_estimates(games):
     out = {}
     for name, statistic in (("mean", np.mean), ("iqm", iqm)):
         pooled = _over_games(statistic, per_game)
-        ci, degenerate = bootstrap_interval(strata, pooled)
+        ci, out["degenerate"] = bootstrap_interval(strata, pooled)   # the same for both: it depends on the data
         out.update({name: float(pooled(*strata)), f"{name}_ci": ci})
-    out["degenerate"] = degenerate
     return out
 
 
@@ -503,15 +502,11 @@ def sign_flip_p(diffs, flips=100_000, seed=0):
     n = d.shape[1]
     patterns = max(flips, 2 ** n) if n <= EXACT_UP_TO else flips
     batch = max(1, 4_000_000 // d.size)   # resampled copies of the data held at once
-    return stats.permutation_test((d,), _mean, permutation_type="samples", vectorized=True, n_resamples=patterns,
+    return stats.permutation_test((d,), np.mean, permutation_type="samples", vectorized=True, n_resamples=patterns,
                                   alternative="greater", axis=-1, batch=batch, rng=np.random.default_rng(seed)).pvalue
 
 
-def _mean(x, axis=-1):
-    return np.mean(x, axis=axis)
-
-
-def probability_of_improvement(a, b, axis=-1):
+def probability_of_improvement(a, b):
     """P(A > B): the chance that an episode of A scores above one of B on the same task, ties
     counting half (the Mann-Whitney U over all pairs / pairs, as rliable)."""
     x, y = np.expand_dims(a, -1), np.expand_dims(b, -2)
@@ -713,11 +708,11 @@ def report_markdown(summary):
                 m, se = row[env_name]
                 lines.append(f"| {row['agent']} ({row['group']}) | {m:.2f} ± {se:.2f} | paper |")
         differences = e.get("protocol_differences")
-        lines += ["", f"This run: {_intervals_text(e['intervals'])} (intervals: see the note at the end).",
-                  "", "**Not the paper's protocol**, so not comparable with the rows above: "
+        lines += ["", "**Not the paper's protocol**, so not comparable with the rows above: "
                   + "; ".join(differences) + "." if differences else
                   "Protocol: the paper's (its seeds, step limit, temperature and token cap).", "",
-                  BALROG_ROWS_NOTE]
+                  BALROG_ROWS_NOTE, "", f"This run: {_intervals_text(e['intervals'])} (see the note on intervals "
+                  "at the end)."]
         if len(e["tasks"]) > 1:
             lines += ["", "| task | progression % | n | mean steps | end reasons |", "| --- | --- | --- | --- | --- |"]
             for t, g in e["tasks"].items():

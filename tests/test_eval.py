@@ -74,10 +74,10 @@ def test_tiny_random_end_to_end(tmp_path, boxoban_levels):
     tokens = sum(r["tokens"]["prompt"] for p in out.glob("minihack/*/ep_*.jsonl") for r in ev.read_trace(p))
     turns = sum(len(r[name]["turns"]) for p in out.glob("minihack/*/ep_*.jsonl") for r in ev.read_trace(p)
                 for name, _ in ev.routines(r))
-    assert summary["cost"] == {"llm_calls": turns, "prompt_tokens": tokens, "steps": 12,
-                               "completion_tokens": summary["cost"]["completion_tokens"],
-                               "tokens_per_step": (tokens + summary["cost"]["completion_tokens"]) / 12}
-    assert tokens > 0 and turns >= 24                     # LOG and PLAN every step
+    completion = summary["cost"]["completion_tokens"]
+    assert summary["cost"] == {"llm_calls": turns, "prompt_tokens": tokens, "completion_tokens": completion,
+                               "steps": 12, "tokens_per_step": (tokens + completion) / 12}
+    assert tokens > 0 and completion > 0 and turns == summary["backend"]["requests"] > 12
     assert set(mh["tasks"]) == {"MiniHack-Corridor-R3-v0", "MiniHack-Boxoban-Hard-v0"}
     assert mh["end_reasons"] == {"truncated": 4}          # the run's step limit is the game's
     report = (out / "report.md").read_text()
@@ -260,14 +260,14 @@ def test_interval_estimates_stratify_by_task_and_say_when_degenerate():
     assert iv["mean"] == 136.0 and iv["iqm"] == 45.0 and iv["degenerate"] is None
     assert iv["iqm_ci"][0] < 45 < iv["iqm_ci"][1] and iv["iqm_ci"][1] - iv["iqm_ci"][0] < iv["mean_ci"][1] - iv["mean_ci"][0]
     assert ev.interval_estimates({"crafter": [[5, 5, 5]]}) == {
-        "mean": 5.0, "mean_ci": (5.0, 5.0), "iqm": 5.0, "iqm_ci": (5.0, 5.0),
+        "mean": 5.0, "mean_ci": [5.0, 5.0], "iqm": 5.0, "iqm_ci": [5.0, 5.0],
         "degenerate": "every episode scored the same: the interval has no width"}
     one = ev.interval_estimates({"minihack": [[0, 100], [100]]})
     assert one["mean_ci"] is None and one["degenerate"] == "a task with a single episode: no interval"
     both = ev.interval_estimates({"crafter": [[10, 20, 30]], "minihack": [[0, 100], [100, 100]]})
     assert both["mean"] == pytest.approx((20 + 75) / 2)
     # every resample keeps each task's size: a task all 100 and one all 0 give a mean of exactly 50
-    assert ev.interval_estimates({"minihack": [[100, 100, 100], [0, 0, 0]]})["mean_ci"] == (50.0, 50.0)
+    assert ev.interval_estimates({"minihack": [[100, 100, 100], [0, 0, 0]]})["mean_ci"] == [50.0, 50.0]
 
 
 def test_protocol_differences_name_each_departure():

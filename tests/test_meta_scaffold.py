@@ -616,7 +616,7 @@ def test_loop_report_puts_gate_and_report_numbers_side_by_side(tmp_path):
     assert text.startswith(f"# Loop #1: crafter, model {agent.PAPER_MODEL}")
     assert "Gate seeds 100-105 (6 episodes per version)" in text and "Report seeds 42-45 (4 episodes per version)" in text
     assert ("False accepts: at most 0.05 per attempt, 0.15 per iteration (3 attempts), and over the loop's 1 "
-            "iterations at most 0.15 chance") in text and "measures 0.11 of loops" in text
+            "iterations at most 0.15 chance") in text and "measures 0.12 of loops" in text
     assert ("Analysis seeds 200-209: the meta-LLM studied the traces of runs on these seeds only, one per version "
             "it revised (none: analysis/<version>/); it was shown no trace of the gate or report runs") in text
     assert "| gate | 2 | 12 | 0 | 12 | 12 | 2.000 |" in text and "| report | 2 | 8 | 0 | 8 | 8 | 2.000 |" in text
