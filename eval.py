@@ -15,7 +15,9 @@ Defaults are the paper's protocol (PAPER_SEEDS, PAPER_SAMPLING, envs.MAX_STEPS):
 NetHack seeds 42-46, 100,000 steps and BALROG's no-progress timeout (an episode ends after 150
 steps in a row without game time passing: envs.NO_PROGRESS_TIMEOUT),
 Qwen/Qwen2.5-32B-Instruct at temperature 1.0 with up to 4096 new tokens per reply; report.md says
-where a run departs from it. Statistics are BALROG's (`mean_se`, `overall`). A run folder
+where a run departs from it. The leaderboard statistics are BALROG's (`mean_se`, `overall`);
+beside them, stratified-bootstrap intervals and the IQM (`interval_estimates`), and `report`
+pairs runs on the same seeds (`paired_comparison`). A run folder
 holds config.json, <env>/<task>/ep_<seed>.jsonl (one self-contained JSON line per step, gzipped
 to ep_<seed>.jsonl.gz when the episode ends) and ep_<seed>.json (written when it ends),
 <env>/<task>/memory_<seed>/, summary.json and report.md. Every figure in the summary is
