@@ -1127,26 +1127,17 @@ def run_eval(args):
     return 1 if summary["unfinished"] else 0
 
 
-def run_summarize(argv):
-    p = argparse.ArgumentParser(prog="eval.py summarize",
-                                description="summary.json and report.md of a run from its files, at any time")
-    p.add_argument("run")
-    args = p.parse_args(argv)
+def run_summarize(args):
     if problem := not_a_run([args.run]):
-        p.exit(2, f"eval.py summarize: error: {problem}\n")
+        raise UsageError(problem)
     summary = write_summary(args.run)
     print_summary(args.run, summary)
     return 1 if summary["unfinished"] else 0
 
 
-def run_report(argv):
-    p = argparse.ArgumentParser(prog="eval.py report", description="several runs side by side")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--plot", default=None, help="PNG of progression per run with s.e. bars")
-    p.add_argument("--out", default=None, help="also write the table to this markdown file")
-    args = p.parse_args(argv)
+def run_report(args):
     if problem := not_a_run(args.runs):
-        p.exit(2, f"eval.py report: error: {problem}\n")
+        raise UsageError(problem)
     summaries = [summarize(run) for run in args.runs]
     table = compare_markdown(summaries, paired_blocks(summaries))
     print(table)
@@ -1240,19 +1231,10 @@ def build_replay(runs, seed, task=None):
     return html.replace("__DATA__", base64.b64encode(data).decode()), panels
 
 
-def run_replay(argv):
-    p = argparse.ArgumentParser(prog="eval.py replay", description="side-by-side replay of one seed")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--task", default=None)
-    p.add_argument("--out", default=None, help="HTML file (default replay_<env>_<seed>.html)")
-    args = p.parse_args(argv)
+def run_replay(args):
     if problem := not_a_run(args.runs):
-        p.exit(2, f"eval.py replay: error: {problem}\n")
-    try:
-        html, panels = build_replay(args.runs, args.seed, args.task)
-    except UsageError as e:
-        p.exit(2, f"eval.py replay: error: {e}\n")
+        raise UsageError(problem)
+    html, panels = build_replay(args.runs, args.seed, args.task)
     out = Path(args.out or f"replay_{panels[0]['env']}_{args.seed}.html")
     out.write_text(html)
     for panel in panels:
@@ -1262,8 +1244,30 @@ def run_replay(argv):
     return 0
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+class DefaultCommandParser(argparse.ArgumentParser):
+    """A command line of subcommands, one of them implied: with none named (the first argument an
+    option, or no argument) it is `default_command`, so `eval.py --env crafter` is `eval.py run
+    --env crafter`; `--help` lists the subcommands. Sets `command` to the subcommand's name."""
+
+    def __init__(self, *args, default_command, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default_command = default_command
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if not args or args[0].startswith("-") and args[0] not in ("-h", "--help"):
+            args = [self.default_command, *args]
+        return super().parse_known_args(args, namespace)
+
+    def add_subparsers(self, **kwargs):
+        return super().add_subparsers(dest="command", parser_class=argparse.ArgumentParser, **kwargs)
+
+
+def add_run_arguments(p):
     p.add_argument("--env", required=True, help="crafter, minihack, nle or all")
     p.add_argument("--scaffold", default="v0", help="scaffolds/vN name or a scaffold folder")
     p.add_argument("--agent", default="memory",
@@ -1303,28 +1307,48 @@ def build_parser():
     p.add_argument("--unseeded", action="store_true", help="run NetHack unseeded, as BALROG does")
     p.add_argument("--autopickup", action=argparse.BooleanOptionalAction, default=True,
                    help="MiniHack autopickup (default on, the paper's setting)")
+
+
+def build_parser():
+    """eval.py's command line; `run` when no subcommand is named."""
+    p = DefaultCommandParser(prog="eval.py", default_command="run", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(title="subcommands (`eval.py SUBCOMMAND --help` shows its options)")
+    add_run_arguments(sub.add_parser("run", help="play episodes on fixed seeds into a run folder (the default: "
+                                                 "`eval.py --env crafter ...` is `eval.py run --env crafter ...`)"))
+    summarize_p = sub.add_parser("summarize", help="summary.json and report.md of a run from its files, at any time")
+    summarize_p.add_argument("run")
+    report_p = sub.add_parser("report", help="several runs side by side")
+    report_p.add_argument("runs", nargs="+")
+    report_p.add_argument("--plot", default=None, help="PNG of progression per run with s.e. bars")
+    report_p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    replay_p = sub.add_parser("replay", help="side-by-side HTML replay of one seed")
+    replay_p.add_argument("runs", nargs="+")
+    replay_p.add_argument("--seed", type=int, required=True)
+    replay_p.add_argument("--task", default=None)
+    replay_p.add_argument("--out", default=None, help="HTML file (default replay_<env>_<seed>.html)")
     return p
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "report":
-        return run_report(argv[1:])
-    if argv and argv[0] == "replay":
-        return run_replay(argv[1:])
-    if argv and argv[0] == "summarize":
-        return run_summarize(argv[1:])
-    p = build_parser()
-    args = p.parse_args(argv)
+def run_command(args):
     if args.max_new_tokens is None:
         # tiny-random babbles until the cap: a protocol-sized cap makes a smoke run take hours
         args.max_new_tokens = 32 if args.model == "tiny-random" else PAPER_SAMPLING["max_new_tokens"]
     if args.out is None:
         args.out = str(ROOT / "runs" / default_run_name(args))
+    return run_eval(args)
+
+
+COMMANDS = {"run": run_command, "summarize": run_summarize, "report": run_report, "replay": run_replay}
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
     try:
-        return run_eval(args)
+        return COMMANDS[args.command](args)
     except UsageError as e:
-        p.exit(2, f"eval.py: error: {e}\n")
+        p.exit(2, f"eval.py {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

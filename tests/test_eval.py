@@ -330,6 +330,22 @@ def test_bad_arguments_exit_2_with_one_line(args, message):
     assert len(lines) == 1 and message in lines[0]
 
 
+def test_help_lists_every_subcommand_and_run_is_the_default(capsys):
+    with pytest.raises(SystemExit) as shown:
+        ev.main(["--help"])
+    listed = re.findall(r"^    (\S+) ", capsys.readouterr().out.split("\nsubcommands (")[1], re.M)
+    assert shown.value.code == 0 and listed == ["run", "summarize", "report", "replay"] == list(ev.COMMANDS)
+    parse = ev.build_parser().parse_args
+    assert parse(["--env", "crafter", "--scaffold", "v3"]) == parse(["run", "--env", "crafter", "--scaffold", "v3"])
+    assert parse(["--env", "crafter"]).command == "run" and parse(["summarize", "runs/A"]).command == "summarize"
+    for argv, message in ((["bogus"], "invalid choice: 'bogus'"), ([], "required: --env"),
+                          (["report"], "required: runs"), (["summarize", "nowhere"], "nowhere is not a run folder")):
+        with pytest.raises(SystemExit) as refused:
+            ev.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert refused.value.code == 2 and err[-1].startswith("eval.py") and message in err[-1], err
+
+
 def test_unloadable_model_says_how_to_run_offline(tmp_path):
     r = run_eval(["--env", "crafter", "--model", str(tmp_path / "no-model-here"), "--out", str(tmp_path / "o")])
     assert r.returncode == 1
