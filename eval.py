@@ -768,8 +768,9 @@ def _num(v):
 def table_markdown(summaries):
     """The paper's table from run summaries: one row per agent (table_row), one column per game and
     the overall (BALROG's mean ± SE; † off the paper's protocol), each row followed by the paper's
-    number for it, BALROG's leaderboard below; then the LLM calls and tokens each row took, and,
-    for rows run off the protocol (a pilot), those projected to the protocol."""
+    number for it, BALROG's leaderboard below; the same rows' bootstrap intervals and IQM; then the
+    LLM calls and tokens each row took, and, for rows run off the protocol (a pilot), those
+    projected to the protocol."""
     ref = json.loads(REFERENCE.read_text())["rows"]
     rows = table_rows(summaries)
     games = list(envs.ENVS)
@@ -778,7 +779,7 @@ def table_markdown(summaries):
     lines = ["# The paper's table", "",
              f"Model{'s' * (len(models) > 1)}: **{', '.join(models)}**. Progression in %, mean ± standard error "
              "over episodes (BALROG's statistics: a game's tasks pooled; overall: the mean of the games' means, "
-             "SE sqrt(sum SE²) / games). Each row is followed by the paper's number for it (Qwen2.5-32B-Instruct)."
+             f"SE sqrt(sum SE²) / games). Each row is followed by the paper's number for it ({agent_mod.PAPER_MODEL})."
              + (" **A tiny random model proves plumbing, not skill.**" if "tiny-random" in models else ""), "",
              head, "|" + " --- |" * (len(games) + 3)]
     flagged = {}
@@ -798,7 +799,7 @@ def table_markdown(summaries):
         lines.append(f"| **{name}** | {', '.join(row_models)} | " + " | ".join(texts) + f" | {_pct(whole) if whole else '-'} |")
         paper = next((r for r in ref if r["agent"] == PAPER_ROWS.get(name)), None)
         if paper:
-            lines.append(f"| paper: {paper['agent']} | Qwen2.5-32B-Instruct | "
+            lines.append(f"| paper: {paper['agent']} | {agent_mod.PAPER_MODEL} | "
                          + " | ".join(_pct(_ref(paper[g])) for g in games) + f" | {_pct(_ref_overall(paper, games))} |")
     lines += ["", "BALROG's leaderboard, as the paper quotes it (BALROG's own settings, not the paper's protocol):", "",
               "| model | " + " | ".join(f"{g} %" for g in games) + " | overall % |", "|" + " --- |" * (len(games) + 2)]
@@ -809,6 +810,20 @@ def table_markdown(summaries):
     if flagged:
         lines += ["", "† Not the paper's protocol, so not comparable with the paper's numbers:"]
         lines += [f"- {text} ({', '.join(names)})" for text, names in flagged.items()]
+    lines += ["", "## Intervals", "", "The mean and the IQM of each cell above, each with its 95 % stratified-bootstrap "
+              "interval (the paper's rows have none).", "",
+              "| agent | " + " | ".join(f"{g} %" for g in games) + " | overall % |", "|" + " --- |" * (len(games) + 2)]
+    degenerate = {}
+    for name, cells in rows.items():
+        estimates = {g: cells[g]["envs"][g]["intervals"] for g in games if g in cells}
+        if set(games) <= set(cells):
+            estimates["overall"] = interval_estimates({g: task_scores(cells[g]["envs"][g]["tasks"]) for g in games})
+        for where, iv in estimates.items():
+            if iv["degenerate"]:
+                degenerate.setdefault(iv["degenerate"], []).append(f"{name} {where}")
+        lines.append(f"| {name} | " + " | ".join(_interval_cell(estimates.get(g)) for g in [*games, "overall"]) + " |")
+    lines += [""] * bool(degenerate) + [f"- ‡ {reason}: {', '.join(where)}" for reason, where in degenerate.items()]
+    lines += ["", INTERVALS_NOTE]
     lines += ["", "## Cost", "", "LLM calls (one per model turn), tokens and steps of each row's finished episodes.", "",
               "| agent | game | LLM calls | prompt tokens | completion tokens | steps |", "| --- | --- | --- | --- | --- | --- |"]
     projections = []
@@ -834,6 +849,12 @@ def table_markdown(summaries):
         lines += [f"- {table_row(s)} ({s['run']}): {len(s['unfinished'])}" for s in unfinished]
     lines += ["", "Runs: " + "; ".join(f"{table_row(s)}: {s['run']}" for s in summaries) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _interval_cell(iv):
+    """A row's mean and IQM with their intervals ("-": no runs there); ‡ marks a degenerate interval."""
+    return "-" if iv is None else (f"{iv['mean']:.2f} {_ci(iv['mean_ci'])}; IQM {iv['iqm']:.2f} {_ci(iv['iqm_ci'])}"
+                                   + " ‡" * bool(iv["degenerate"]))
 
 
 def _cost_lines(name, per_game):

@@ -64,7 +64,7 @@ def test_every_row_and_a_rerun_after_a_kill_redoes_no_finished_episode(tmp_path)
     for row in ROWS:
         line = next(x for x in report.splitlines() if x.startswith(f"| **{row}** |"))
         assert line.startswith(f"| **{row}** | tiny-random | ") and line.count(" †") == 3
-    assert "| paper: AutoMem + scaffold opt. (loop 1) | Qwen2.5-32B-Instruct | 47.27 ± 2.05 | 27.50 ± 7.06 | " \
+    assert "| paper: AutoMem + scaffold opt. (loop 1) | Qwen/Qwen2.5-32B-Instruct | 47.27 ± 2.05 | 27.50 ± 7.06 | " \
            "1.57 ± 0.35 | 25.45 ± 2.45 |" in report
     assert "- crafter: at most 1 steps per episode (paper: 2,000); 1 episode, seeds 42 (paper: 10 episodes, seeds " \
            "42-51); max new tokens 4 (paper: 4096) (naive, cot, v0, + scaffold opt.)" in report
@@ -82,6 +82,8 @@ def summary(run, agent="memory", scaffold="v0", specialist=None, games=None, ste
     envs = {}
     for g in games or ("crafter", "minihack", "nle"):
         envs[g] = {"progression_pct": ev.mean_se([10.0, 30.0]), "protocol_differences": differences.get(g, []),
+                   "tasks": {"t": {"seeds": [42, 43], "scores_pct": [10.0, 30.0]}},
+                   "intervals": ev.interval_estimates({g: [[10.0, 30.0]]}),
                    "cost": {"llm_calls": 30, "prompt_tokens": 3000, "completion_tokens": 300, "steps": steps}}
     return {"run": run, "model": "Qwen/Qwen2.5-32B-Instruct", "agent": agent, "scaffold": scaffold,
             "specialist": specialist, "envs": envs, "unfinished": []}
@@ -100,10 +102,13 @@ def test_the_two_model_row_is_the_converged_scaffolds_with_a_specialist_beside_t
     assert rows == ["**naive**", "**v0**", "**+ scaffold opt.**", "**+ memory training**", "**v3**"]
     assert ("| **+ memory training** | Qwen/Qwen2.5-32B-Instruct + specialist adapters/best | 20.00 ± 7.07 † | "
             "20.00 ± 7.07 | 20.00 ± 7.07 | 20.00 ± 4.08 |") in table          # overall SE: sqrt(3 x 7.07²) / 3
-    assert ("| paper: AutoMem + memory training (loop 2) | Qwen2.5-32B-Instruct | 51.36 ± 3.81 | 30.00 ± 7.25 | "
+    assert ("| paper: AutoMem + memory training (loop 2) | Qwen/Qwen2.5-32B-Instruct | 51.36 ± 3.81 | 30.00 ± 7.25 | "
             "1.85 ± 0.44 | 27.74 ± 2.73 |") in table
     assert "| **v3** | Qwen/Qwen2.5-32B-Instruct | 20.00 ± 7.07 | - | - | - |" in table   # no paper row, no overall
     assert "| Qwen2.5-72B-Instruct | 27.30 ± 3.60 | 5.00 ± 3.40 | 0.30 ± 0.30 | 10.87 ± 1.65 |" in table
+    # the bootstrap of the row's three runs pooled as one overall figure, beside each game's own
+    cell = "20.00 [10.00, 30.00]; IQM 20.00 [10.00, 30.00]"
+    assert f"| + memory training | {cell} | {cell} | {cell} | {cell} |" in table.split("## Intervals")[1]
     assert "- crafter: at most 50 steps per episode (paper: 2,000) (+ memory training)" in table
     # only the off-protocol row is projected: 3 calls and 300 + 30 tokens per step, x 10 episodes x 2000 steps
     projected = table.split("Projected to the paper's protocol")[1]
