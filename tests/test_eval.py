@@ -14,7 +14,7 @@ import pytest
 import agent as agent_mod
 import envs
 import eval as ev
-from agent import ScriptedServer
+from scripted_server import ScriptedServer
 
 ROOT = Path(ev.__file__).resolve().parent
 

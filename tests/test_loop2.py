@@ -19,7 +19,7 @@ import agent
 import curate_sft as cs
 import eval as ev
 import train_lora as tl
-from agent import ScriptedServer
+from scripted_server import ScriptedServer
 from test_eval import deterministic_model, v0_step
 
 ROOT = Path(cs.__file__).resolve().parent

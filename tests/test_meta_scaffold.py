@@ -16,7 +16,7 @@ import pytest
 import agent
 import eval as ev
 import meta_scaffold as ms
-from agent import ScriptedServer
+from scripted_server import ScriptedServer
 
 ROOT = Path(ms.__file__).resolve().parent
 V0 = agent.SCAFFOLDS / "v0"

@@ -13,8 +13,9 @@ import pytest
 import envs
 import eval as ev
 import scaffolds
-from agent import (PolicyError, OpenAIBackend, Reply, ScaffoldError, ScriptedServer, Unfinished, load_scaffold,
-                   make_agent, play, run_episodes)
+from agent import (PolicyError, OpenAIBackend, Reply, ScaffoldError, Unfinished, load_scaffold, make_agent, play,
+                   run_episodes)
+from scripted_server import ScriptedServer
 
 KITCHEN_SINK = load_scaffold(ev.ROOT / "tests" / "scaffolds" / "kitchen_sink")
 CORRIDOR = "MiniHack-Corridor-R3-v0"
