@@ -858,11 +858,9 @@ def propose(args):
 # ---------------------------------------------------------------------------------------------
 
 # config.json keys in which a base and a candidate may differ: the scaffold, and facts about how
-# a run went rather than what it measured (throughput, time, the code's commit and package
+# a run went rather than what it measured (throughput, the code's commit and package
 # versions: a loop may commit its scaffolds between runs). Every other key must be equal.
-# "wall_s" and "wall_s_earlier" are no longer written: kept so runs made before still compare.
-GATE_FREE = ("scaffold", "scaffold_path", "scaffold_hash", "concurrency", "wall_s", "wall_s_earlier",
-             "git_commit", "versions", "command")
+GATE_FREE = ("scaffold", "scaffold_path", "scaffold_hash", "concurrency", "git_commit", "versions", "command")
 EXACT_UP_TO = 16           # sign-flip tests on up to 2^16 patterns are enumerated exactly
 TEST = "one-sided paired sign-flip test"
 
@@ -881,9 +879,8 @@ def not_comparable(base, cand):
     if problem := ev.not_a_run([base, cand]):
         return problem
     a, b = settings(base), settings(cand)
-    free = GATE_FREE + (ev.PLAN_KEYS if ev.same_plan(a, b) else ())
     for key in sorted(set(a) | set(b)):
-        if key not in free and a.get(key) != b.get(key):
+        if key not in GATE_FREE and a.get(key) != b.get(key):
             return f"the runs differ in {key} ({_short(a.get(key))} vs {_short(b.get(key))}): only the scaffold may differ"
     return unfinished(base) or unfinished(cand)
 

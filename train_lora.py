@@ -21,7 +21,7 @@ adapter, train_config.json, loss.json ({step, epoch, loss, lr} per optimizer ste
 `--merge` also writes <out>/merged/, the base with the adapter folded in (what the authors served).
 
 Why transformers.Trainer and not a hand-written loop: the scheduler length under several
-processes (the old loop's bug), FSDP / ZeRO-3 model, optimizer and checkpoint handling, sharded
+processes, FSDP / ZeRO-3 model, optimizer and checkpoint handling, sharded
 resume, and gradient-accumulation loss normalisation by token count all come from it. Why not
 TRL's SFTTrainer: its assistant-only loss needs `{% generation %}` markers that the Qwen2.5 and
 SmolLM2 templates lack; `assistant_labels` finds the spans for any template, and that is the only
