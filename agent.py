@@ -757,8 +757,8 @@ CONNECT_TIMEOUT = 10.0   # seconds to open a connection (a live server accepts a
 
 def request_timeout(timeout):
     """The client's timeout: `timeout` s for a request, at most CONNECT_TIMEOUT of it to connect."""
-    import httpx2
-    return httpx2.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
+    import openai
+    return openai.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
 
 
 def ask_one_token(client, model):
