@@ -179,9 +179,10 @@ SAFE_BUILTINS = tuple((
 PRINT_CHARS = 20_000   # of a step's printed text kept in its trace line
 
 
-def policy_builtins(views, printed=None):
-    """A policy's __builtins__, fresh per episode; `import x` gives `views[x]`; `print` appends to
-    `printed` (a list the harness empties into each step's trace line; None: discarded)."""
+def policy_builtins(views, attributes, printed=None):
+    """A policy's __builtins__, fresh per episode; `import x` gives `views[x]`; `hasattr` answers
+    for the `attributes` a policy may use only; `print` appends to `printed` (a list the harness
+    empties into each step's trace line; None: discarded)."""
     def policy_import(name, globals=None, locals=None, fromlist=(), level=0):
         if level or name not in views:
             raise ImportError(f"policy.py may import only {', '.join(ALLOWED_IMPORTS)}")
@@ -201,7 +202,7 @@ def policy_builtins(views, printed=None):
     def policy_hasattr(obj, name):
         if not isinstance(name, str):
             raise TypeError("hasattr: the attribute name is a str")
-        return name in allowed_attributes() and hasattr(obj, name)
+        return name in attributes and hasattr(obj, name)
 
     return {**{name: getattr(builtins, name) for name in SAFE_BUILTINS}, "__import__": policy_import,
             "print": policy_print, "hasattr": policy_hasattr}
@@ -240,18 +241,18 @@ def _dunder(name):
     return name.startswith("__")   # _helper is fine; __builtins__, __import__, __class__ are the harness's
 
 
-def check_policy(tree, api):
+def check_policy(tree, attributes):
     """(line, why) for every construct policy.py may not use. The rules close the ways out of the
     sandbox: modules and their members beyond the allowlists, names starting with `__` (dunders),
     builtins that run, open or inspect things, attributes beyond the allowlist (frames, code,
     str.format, the harness's private fields), any attribute assignment (it could patch a shared
     class, or carry data between episodes), annotations (some functions evaluate them), classes,
     `finally` and bare `except` (they could run policy code when the harness closes a step), and
-    templates named or filled in ways the loader cannot check. `api`: the episode API's classes
-    (agent.py), whose public attributes a policy may use."""
+    templates named or filled in ways the loader cannot check. `attributes`: the attribute names
+    policy code may use (allowed_attributes)."""
     aliases = {a.asname or a.name: a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                for a in node.names}
-    attributes, bad = allowed_attributes(api), []
+    bad = []
     for node in ast.walk(tree):
         line = getattr(node, "lineno", 0)
         if type(node) in REFUSED_NODES:
@@ -343,6 +344,7 @@ class Scaffold:
     config: dict          # scaffold.json: data the policy reads (ops per routine, limits, ...)
     prompts: dict         # template name -> text, from prompts/<name>.txt
     code: object          # policy.py, checked and compiled once; executed afresh per episode
+    attributes: frozenset  # the attribute names policy code may use (allowed_attributes)
 
     @property
     def limits(self):
@@ -388,7 +390,7 @@ class Scaffold:
         """policy.py executed in fresh globals, builtins and module views: one per episode; its
         print() appends to `printed`."""
         views = {name: ModuleView(name) for name in ALLOWED_IMPORTS}
-        namespace = {"__builtins__": policy_builtins(views, printed), "__name__": "policy"}
+        namespace = {"__builtins__": policy_builtins(views, self.attributes, printed), "__name__": "policy"}
         self.run(exec, self.code, namespace)
         return namespace
 
@@ -448,7 +450,8 @@ def load_scaffold(name_or_path, api):
     except SyntaxError as e:
         fail(f"policy.py:{e.lineno}", f"SyntaxError: {e.msg}")
     calls, bad = render_calls(tree)
-    bad += check_policy(tree, api)
+    attributes = allowed_attributes(api)
+    bad += check_policy(tree, attributes)
     for line, template, fields in calls:
         want = template_fields(prompts.get(template, ""))
         if template not in prompts:
@@ -462,7 +465,7 @@ def load_scaffold(name_or_path, api):
     unused = sorted(set(prompts) - {t for _, t, _ in calls})
     if unused:
         fail(f"prompts/{unused[0]}.txt", "never rendered by policy.py (ep.render)")
-    scaffold = Scaffold(path.name, path, config, prompts, compile(tree, str(policy), "exec"))
+    scaffold = Scaffold(path.name, path, config, prompts, compile(tree, str(policy), "exec"), attributes)
     try:
         module = scaffold.module()
     except PolicyError as e:
