@@ -1133,7 +1133,7 @@ def cmd_report(args):
     return None
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     pp = sub.add_parser("propose", help="write scaffolds/vN from a run")
@@ -1186,6 +1186,11 @@ def main(argv=None):
     pr = sub.add_parser("report", help="the loop's report: gate and report numbers of each accepted version")
     pr.add_argument("--log", required=True)
     pr.add_argument("--out", required=True)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.command == "gate":
         if not 0 < args.alpha < 1:
