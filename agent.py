@@ -49,7 +49,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from memory_fs import ALL_OPS, MemoryFS, MemoryRefused
+from memory_fs import ALL_OPS, MemoryFS, MemoryRefused, remove_ops
 import scaffolds
 from scaffolds import SCAFFOLDS, PolicyError, ScaffoldError  # noqa: F401  (callers catch agent.ScaffoldError)
 
@@ -241,6 +241,11 @@ class Episode:
     def action_name(self, text):
         """The game's name for an action text (case and spacing as the game reads them), or None."""
         return self._agent.env.parse_action(str(text))
+
+    def remove_ops(self, text, name):
+        """`text` without its `name` ops as the parser reads them, stripped (e.g. a specialist's
+        ACTION, before the base model sees its reply)."""
+        return remove_ops(str(text), str(name).upper())
 
     def file_index(self):
         """`name (N lines)` per memory file, sorted."""
