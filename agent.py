@@ -49,13 +49,14 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from envs import PROTOCOL
 from memory_fs import ALL_OPS, MemoryFS, MemoryRefused, remove_ops
 import scaffolds
 from scaffolds import SCAFFOLDS, PolicyError, ScaffoldError  # noqa: F401  (callers catch agent.ScaffoldError)
 
 ROOT = Path(__file__).resolve().parent
 AGENTS = ("memory", "naive", "cot", "robust_naive", "robust_cot")
-PAPER_MODEL = "Qwen/Qwen2.5-32B-Instruct"
+PAPER_MODEL = PROTOCOL["model"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,10 +53,11 @@ from memory_fs import ALL_OPS, builtin_kind
 ROOT = Path(__file__).resolve().parent
 REFERENCE = ROOT / "data" / "reference_results.json"
 CONTENT_WRITES = ("APPEND", "WRITE", "UPSERT")   # built-in writes whose text can already be in the file
-# The paper's protocol (../shared/specs/automem_reference.md section 5): report seeds per game
-# (per task for MiniHack), sampling per reply; step limits are BALROG's, in envs.MAX_STEPS.
-PAPER_SEEDS = {"crafter": range(42, 52), "minihack": range(42, 47), "nle": range(42, 47)}
-PAPER_SAMPLING = {"temperature": 1.0, "max_new_tokens": 4096}
+# The paper's protocol, read from data/protocol.json (envs.PROTOCOL): report seeds per game (per
+# task for MiniHack), sampling per reply; step limits in envs.MAX_STEPS.
+PAPER_SEEDS = {game: range(first, last + 1) for game, p in envs.PROTOCOL["games"].items()
+               for first, last in [p["report_seeds"]]}
+PAPER_SAMPLING = envs.PROTOCOL["sampling"]
 # Loop #2 collects its training traces on seeds from TRAIN_SEEDS_START up; loop #1's gate seeds and
 # the report seeds stay below it. One rule, read by both loops.
 TRAIN_SEEDS_START = 1000
@@ -1294,7 +1295,8 @@ def add_run_arguments(p):
     p.add_argument("--gpus-per-process", type=int, default=None, help="HF: GPUs each process spreads the "
                    "model over (default: the machine's GPUs split evenly among its processes)")
     p.add_argument("--unseeded", action="store_true", help="run NetHack unseeded, as BALROG does")
-    p.add_argument("--autopickup", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--autopickup", action=argparse.BooleanOptionalAction,
+                   default=envs.PROTOCOL["games"]["minihack"]["autopickup"],
                    help="MiniHack autopickup (default on, the paper's setting)")
 
 
