@@ -8,8 +8,9 @@ import json
 import pytest
 
 import envs
-from agent import (HFBackend, OpenAIBackend, ScriptedServer, all_finished, load_scaffold, make_agent, model_path,
-                   play, run_episodes, tiny_random_path)
+from agent import (HFBackend, OpenAIBackend, all_finished, load_scaffold, make_agent, model_path, play, run_episodes,
+                   tiny_random_path)
+from scripted_server import ScriptedServer
 
 V5 = load_scaffold("crafter_v5")
 GOALS = V5.initial_files("crafter")["goals.txt"]

@@ -8,7 +8,8 @@ import pytest
 
 import envs
 import eval as ev
-from agent import HFBackend, OpenAIBackend, ScriptedServer, load_scaffold, make_agent, model_path, play, run_episodes
+from agent import HFBackend, OpenAIBackend, load_scaffold, make_agent, model_path, play, run_episodes
+from scripted_server import ScriptedServer
 
 V4 = load_scaffold("minihack_v4")
 POLICY = V4.module()    # the pure functions (map analysis, repair)

@@ -10,7 +10,8 @@ import pytest
 import agent
 import envs
 import eval as ev
-from agent import HFBackend, OpenAIBackend, ScriptedServer, load_scaffold, make_agent, play, run_episodes
+from agent import HFBackend, OpenAIBackend, load_scaffold, make_agent, play, run_episodes
+from scripted_server import ScriptedServer
 
 V2 = load_scaffold("nethack_v2")
 POLICY = V2.module()
