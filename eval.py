@@ -362,6 +362,8 @@ def bootstrap_interval(strata, statistic, resamples=RESAMPLES, seed=STATS_SEED):
     stratum (an array of episode scores) resampled on its own, and why it is degenerate (None: it
     is not). One episode in a stratum gives no interval; equal scores everywhere one of no width."""
     from scipy import stats
+    if not all(np.isfinite(s).all() for s in strata):
+        return None, "a score is not a number: no interval"
     if any(len(s) < 2 for s in strata):
         return None, "a task with a single episode: no interval"
     if len({float(v) for s in strata for v in s}) == 1:
@@ -395,14 +397,19 @@ def sign_flip_p(diffs, flips=100_000, seed=0):
     distribution of differences (bounded, skewed and tied, as progression is) and any number of
     seeds, where a t-test assumes normality and a percentile bootstrap is anti-conservative for
     the 10-30 pairs a gate has. Up to EXACT_UP_TO pairs every pattern is enumerated; beyond,
-    `flips` random patterns give a valid Monte-Carlo p-value, (1 + hits) / (1 + flips)."""
+    `flips` random patterns give a valid Monte-Carlo p-value, (1 + hits) / (1 + flips). A row
+    with a score that is not a number gets p NaN, which no alpha accepts."""
     from scipy import stats
     d = np.atleast_2d(np.asarray(diffs, dtype=float))
     n = d.shape[1]
-    patterns = max(flips, 2 ** n) if n <= EXACT_UP_TO else flips
-    batch = max(1, 4_000_000 // d.size)   # resampled copies of the data held at once
-    return stats.permutation_test((d,), np.mean, permutation_type="samples", vectorized=True, n_resamples=patterns,
-                                  alternative="greater", axis=-1, batch=batch, rng=np.random.default_rng(seed)).pvalue
+    if n == 1:   # scipy wants two pairs; of one pair's two sign patterns, d > 0 beats one
+        p = np.where(d[:, 0] > 0, 0.5, 1.0)
+    else:
+        patterns = max(flips, 2 ** n) if n <= EXACT_UP_TO else flips
+        batch = max(1, 4_000_000 // d.size)   # resampled copies of the data held at once
+        p = stats.permutation_test((d,), np.mean, permutation_type="samples", vectorized=True, n_resamples=patterns,
+                                   alternative="greater", axis=-1, batch=batch, rng=np.random.default_rng(seed)).pvalue
+    return np.where(np.isnan(d).any(axis=1), np.nan, p)
 
 
 def probability_of_improvement(a, b):

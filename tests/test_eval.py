@@ -246,6 +246,16 @@ def test_interval_estimates_stratify_by_task_and_say_when_degenerate():
     assert both["mean"] == pytest.approx((20 + 75) / 2)
     # every resample keeps each task's size: a task all 100 and one all 0 give a mean of exactly 50
     assert ev.interval_estimates({"minihack": [[100, 100, 100], [0, 0, 0]]})["mean_ci"] == [50.0, 50.0]
+    nan = ev.interval_estimates({"crafter": [[np.nan, 10, 20]]})
+    assert nan["mean_ci"] is None and nan["degenerate"] == "a score is not a number: no interval"
+
+
+def test_paired_comparison_of_one_pair_and_of_a_score_that_is_not_a_number():
+    one = ev.paired_comparison({("default", 1): 5.0}, {("default", 1): 3.0})
+    assert one == {"n": 1, "diff": 2.0, "diff_ci": None, "p_improvement": 1.0, "p_improvement_ci": None,
+                   "p_value": 0.5, "degenerate": "a task with a single episode: no interval"}
+    nan = ev.paired_comparison({("default", 1): np.nan, ("default", 2): 6.0}, {("default", 1): 3.0, ("default", 2): 4.0})
+    assert np.isnan(nan["p_value"]) and nan["diff_ci"] is None and nan["degenerate"] == "a score is not a number: no interval"
 
 
 def test_protocol_differences_name_each_departure():
