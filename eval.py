@@ -359,10 +359,11 @@ def expanded_level(strata):
     return float(2 * stats.norm.cdf(np.sqrt(n / (n - 1)) * stats.t.ppf((1 + CONFIDENCE) / 2, df)) - 1)
 
 
-def bootstrap_interval(strata, statistic, resamples=RESAMPLES, seed=STATS_SEED):
+def bootstrap_interval(strata, statistic, resamples=RESAMPLES, seed=STATS_SEED, equal="every episode scored the same"):
     """(low, high) of the expanded percentile-bootstrap interval of statistic(*strata), each
     stratum (an array of episode scores) resampled on its own, and why it is degenerate (None: it
-    is not). One episode in a stratum gives no interval; equal scores everywhere one of no width."""
+    is not). One episode in a stratum gives no interval; equal values everywhere (`equal` says which)
+    one of no width."""
     from scipy import stats
     if not all(np.isfinite(s).all() for s in strata):
         return None, "a score is not a number: no interval"
@@ -370,7 +371,7 @@ def bootstrap_interval(strata, statistic, resamples=RESAMPLES, seed=STATS_SEED):
         return None, "a task with a single episode: no interval"
     if len({float(v) for s in strata for v in s}) == 1:
         v = float(statistic(*strata))
-        return [v, v], "every episode scored the same: the interval has no width"
+        return [v, v], f"{equal}: the interval has no width"
     res = stats.bootstrap(strata, statistic, n_resamples=resamples, confidence_level=expanded_level(strata),
                           method="percentile", vectorized=True, rng=np.random.default_rng(seed))
     return [float(x) for x in res.confidence_interval], None
@@ -430,7 +431,8 @@ def paired_comparison(a, b):
     keys = [[k for k in sorted(a) if k[0] == t] for t in tasks]
     diffs = [np.array([a[k] - b[k] for k in ks]) for ks in keys]
     runs = [np.array([run[k] for k in ks]) for ks in keys for run in (a, b)]
-    diff_ci, diff_degenerate = bootstrap_interval(diffs, _over_games(np.mean, [len(tasks)]))
+    diff_ci, diff_degenerate = bootstrap_interval(diffs, _over_games(np.mean, [len(tasks)]),
+                                                  equal="every pair differed by the same")
 
     def poi(*strata, axis=-1):
         return np.mean([probability_of_improvement(x, y) for x, y in zip(strata[::2], strata[1::2])], axis=0)
@@ -438,7 +440,7 @@ def paired_comparison(a, b):
     every = np.concatenate(diffs)
     return {"n": len(every), "diff": float(every.mean()), "diff_ci": diff_ci, "p_improvement": float(poi(*runs)),
             "p_improvement_ci": poi_ci, "p_value": float(sign_flip_p(every)[0]),
-            "degenerate": diff_degenerate or poi_degenerate}
+            "degenerate": poi_degenerate or diff_degenerate}
 
 
 def seed_ranges(numbers, sep=", "):

@@ -253,10 +253,12 @@ def test_interval_estimates_stratify_by_task_and_say_when_degenerate():
     assert nan["mean_ci"] is None and nan["degenerate"] == "a score is not a number: no interval"
 
 
-def test_paired_comparison_of_one_pair_and_of_a_score_that_is_not_a_number():
+def test_paired_comparison_of_one_pair_of_equal_differences_and_of_a_score_that_is_not_a_number():
     one = ev.paired_comparison({("default", 1): 5.0}, {("default", 1): 3.0})
     assert one == {"n": 1, "diff": 2.0, "diff_ci": None, "p_improvement": 1.0, "p_improvement_ci": None,
                    "p_value": 0.5, "degenerate": "a task with a single episode: no interval"}
+    same = ev.paired_comparison({("default", 1): 5.0, ("default", 2): 6.0}, {("default", 1): 3.0, ("default", 2): 4.0})
+    assert same["diff_ci"] == [2.0, 2.0] and same["degenerate"] == "every pair differed by the same: the interval has no width"
     nan = ev.paired_comparison({("default", 1): np.nan, ("default", 2): 6.0}, {("default", 1): 3.0, ("default", 2): 4.0})
     assert np.isnan(nan["p_value"]) and nan["diff_ci"] is None and nan["degenerate"] == "a score is not a number: no interval"
 
