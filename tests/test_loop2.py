@@ -725,7 +725,7 @@ def test_engine_asks_again_once_for_a_usable_decision_that_splits_over_the_proce
     answers = [{"data": "regenerate", "configs": [small], "reason": "odd"},
                {"data": "regenerate", "configs": [{**small, "grad_accum": 2}], "reason": "even"}, "no JSON", "{}"]
     with ScriptedServer(lambda body: json.dumps(answers.pop(0))) as server:
-        client = cs.meta_client(server.url)
+        client = agent.meta_client(server.url)
         d = cs.decide("crafter", 1, [], None, client, "meta", processes=4)
         assert d["chosen_by"] == "meta-llm" and d["configs"] == [{**small, "grad_accum": 2}] and d["reason"] == "even"
         first, again = [b["messages"][0]["content"] for b in server.requests]
