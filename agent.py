@@ -117,7 +117,7 @@ class Turn:
 
 
 # Keys of a step's trace record; a routine is recorded under its own name, so it takes none of these.
-RECORD_KEYS = {"step", "observation", "state", "next_state", "routines", "action", "reward", "done",
+RECORD_KEYS = {"step", "observation", "state", "next_state", "routines", "printed", "action", "reward", "done",
                "progression", "info", "memory_diff", "tokens", "latency_s", "wall_s", "system"}
 
 
@@ -299,10 +299,11 @@ class PolicyAgent:
         self._phase, self._op_kind = "write", None   # phase: write -> decide (ACTION routine) -> closed
         self.ep = Episode(self, env, scaffold, two_model)
         self._step = None   # policy.py runs in the episode's generator (act), where its errors end that episode
+        self._printed = []  # what policy.py printed since the last step's record
 
     def _start(self):
         """policy.py executed afresh for this episode, its ops registered, setup(ep) run."""
-        module = self._scaffold.module()
+        module = self._scaffold.module(self._printed)
         for op, spec in module.get("OPS", {}).items():
             self.fs.register(op, functools.partial(spec["handler"], self.ep), spec["arity"], spec["kind"])
         self._step = module["step"]
@@ -318,7 +319,8 @@ class PolicyAgent:
 
     def act(self, obs, step):
         """Generator: runs the policy's step, passing its requests out and the replies back;
-        returns {"routines": {name: {"turns", "ended"}}, "action": the step's action or None}.
+        returns {"routines": {name: {"turns", "ended"}}, "action": the step's action or None, "printed": what
+        policy.py printed}.
         Each reply goes into the trace as it arrives. A policy error, a request or reply left
         hanging, or a step over its budget (scaffold.json limits step_turns, policy_seconds)
         raises PolicyError out of the episode."""
@@ -352,7 +354,9 @@ class PolicyAgent:
                               else "a model reply never went back to its routine.ask() (its ops did not run)"))
         if out is not None and not isinstance(out, str):
             raise PolicyError(f"step returned a {type(out).__name__}: it returns the action (a str) or None")
-        return {"routines": {n: r._record for n, r in self._routines.items()}, "action": out}
+        printed = "".join(self._printed)
+        self._printed.clear()
+        return {"routines": {n: r._record for n, r in self._routines.items()}, "action": out, "printed": printed}
 
     def observe(self, action_record):
         """After the game answered: the step's action record; the observation it was chosen on
@@ -544,6 +548,8 @@ class BalrogAgent:
 
 def make_agent(kind, env, scaffold=None, memory_dir=None, two_model=False):
     if kind == "memory":
+        if scaffold.plays_problem([env.name]):
+            raise ScaffoldError(scaffold.plays_problem([env.name]))
         return PolicyAgent(scaffold, env, memory_dir, two_model)
     if kind in BALROG_AGENTS:
         return BalrogAgent(kind, env)
@@ -584,6 +590,7 @@ def play(env, agent, seed, on_step=None, max_steps=None):
             "step": step, "observation": obs["text"],
             "state": obs.get("state"), "next_state": next_obs.get("state"),
             "routines": list(routines), **routines,
+            **({"printed": decision["printed"]} if decision.get("printed") else {}),
             "action": {"raw": raw, "executed": info["executed_action"], "valid": valid},
             "reward": reward, "done": done, "progression": info["progression"],
             "info": {k: v for k, v in info.items() if k not in ("valid", "executed_action", "progression")},
@@ -602,7 +609,7 @@ def play(env, agent, seed, on_step=None, max_steps=None):
         obs = next_obs
         step += 1
     return {"seed": seed, "steps": step, "progression": info["progression"], "return": ret,
-            "end_status": info.get("end_status") or ("max_steps" if not done else None),
+            "end_status": info.get("end_status") or ("truncated" if not done else None),
             "wall_s": round(time.time() - t_start, 3)}
 
 
@@ -1071,6 +1078,8 @@ class HFBackend:
     def __init__(self, model, adapter=None, max_new_tokens=4096, temperature=1.0, top_p=None,
                  dtype=None, gpus=None, batch_tokens=None, seed=None):
         import torch
+        import transformers
+        from packaging.version import Version
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         path, kwargs = model_path(model)
@@ -1100,6 +1109,7 @@ class HFBackend:
             self.model = PeftModel.from_pretrained(self.model, adapter)
         self.model.eval()
         self.unpadded_prefill = True
+        self.cache_keyword = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
         self.batch_tokens, self.max_new_tokens = batch_tokens, max_new_tokens
         self.sampling = sampling_kwargs(max_new_tokens, temperature, top_p)
         self.model_generation_config = own_generation_config(path)
@@ -1185,9 +1195,11 @@ class HFBackend:
                     cache = self._prefill_unpadded(enc)
                 except (AttributeError, ValueError, NotImplementedError, TypeError):
                     self.unpadded_prefill = False  # a model or cache type it does not fit
+            if cache is not None:   # generate's keyword is `cache` from transformers 5.24, `past_key_values` before
+                kwargs[self.cache_keyword] = cache
             # no torch.compile: transformers would compile decoding for a static cache on CUDA,
             # and compile again for every new batch shape
-            out = self.model.generate(**enc, **kwargs, past_key_values=cache, disable_compile=True)
+            out = self.model.generate(**enc, **kwargs, disable_compile=True)
         new = out[:, enc["input_ids"].shape[1]:].tolist()
         latency = time.time() - t0
         eos = self.model.generation_config.eos_token_id

@@ -50,12 +50,13 @@ TARGETS = ("ALL", "ATTN", "QV", "MLP")
 RECIPE_KEYS = ("rank", "alpha", "dropout", "lr", "epochs", "batch", "grad_accum", "cutoff",
                "scheduler", "warmup", "target")
 INT_KEYS = ("rank", "alpha", "epochs", "batch", "grad_accum", "cutoff")
-# The authors' priors, RANK:ALPHA:DROPOUT:LR:EPOCHS:BATCH:GRAD_ACCUM:CUTOFF:SCHED:WARMUP:TARGET.
-# Here batch x grad_accum is the global batch at any GPU count (train_lora.py); the authors' b x ga
-# was per GPU, on 2 GPUs (crafter 2 x 8 x 2 = 32 examples per step), so GRAD_ACCUM is their ga x 2.
-PRIORS = {"crafter": "256:512:0.0:5e-5:4:2:16:16384:cosine:0.05:ATTN",
-          "minihack": "128:256:0.0:5e-5:3:2:8:16384:cosine:0.05:ALL",
-          "nle": "256:512:0.0:5e-5:1:2:16:16384:cosine:0.05:ALL"}
+# The authors' priors (specs/automem_reference.md section 4). Here batch x grad_accum is the global
+# batch at any GPU count (train_lora.py); the authors' b x ga was per GPU, on 2 GPUs (crafter
+# 2 x 8 x 2 = 32 examples per step), so grad_accum is their ga x 2.
+SHARED_PRIOR = {"dropout": 0.0, "lr": 5e-5, "batch": 2, "cutoff": 16384, "scheduler": "cosine", "warmup": 0.05}
+PRIORS = {"crafter": {**SHARED_PRIOR, "rank": 256, "alpha": 512, "epochs": 4, "grad_accum": 16, "target": "ATTN"},
+          "minihack": {**SHARED_PRIOR, "rank": 128, "alpha": 256, "epochs": 3, "grad_accum": 8, "target": "ALL"},
+          "nle": {**SHARED_PRIOR, "rank": 256, "alpha": 512, "epochs": 1, "grad_accum": 16, "target": "ALL"}}
 DATA_MINIMUM = {"crafter": 600, "minihack": 300, "nle": 800}
 SEED_RANGE = (ev.TRAIN_SEEDS_START, 99999)   # the authors' training seeds: random.seed(999), randint(1000, 99999)
 ACTION_ONLY_CHARS = 200         # transform 3: a PLAN item with no memory op and less text is dropped
@@ -67,16 +68,6 @@ PRINCIPLES = """Selection principles (keep a turn only if it is a good example t
    the action that caused it.
 4. Consultation bears on the action: PLAN lookups concern the situation at hand."""
 FENCE_RE = re.compile(r"```[^\n`]*\n(.*?)```", re.S)
-
-
-def parse_recipe(text):
-    vals = text.split(":")
-    r = dict(zip(RECIPE_KEYS, vals))
-    for k in INT_KEYS:
-        r[k] = int(r[k])
-    for k in ("dropout", "lr", "warmup"):
-        r[k] = float(r[k])
-    return r
 
 
 def check_recipe(r):
@@ -510,7 +501,7 @@ def curate(runs, out, judge="heuristic", client=None, meta_model=None, top_pct=1
              "dropped_by_reason": Counter(v["reason"] for v in verdict.values() if not v["keep"]),
              "min_examples": min_examples, "below_minimum": len(cut) < min_examples, "env": env_name}
     ev.write_json(out / "selection_stats.json", stats)
-    recipe = {**parse_recipe(PRIORS[env_name]), "chosen_by": "prior", "reason": f"the authors' {env_name} prior",
+    recipe = {**check_recipe(PRIORS[env_name]), "chosen_by": "prior", "reason": f"the authors' {env_name} prior",
               "env": env_name, "data_size": len(cut), "scaffold": scaffold}
     ev.write_json(out / "recipe.json", recipe)
     judge_text = HEURISTIC_RULE if judge == "heuristic" else (
@@ -595,7 +586,7 @@ def heuristic_decision(env_name, iteration, processes=1, meta_error=None):
     the three; there is nothing sane left to vary after that, so a third iteration is refused.
     `meta_error`: the meta-LLM's answers were unusable, and this is the fallback."""
     why = f"meta-LLM decision unusable twice ({meta_error}); " if meta_error else ""
-    prior = parse_recipe(PRIORS[env_name])
+    prior = check_recipe(PRIORS[env_name])
     if iteration == 1:
         decision = {"data": "regenerate", "top_pct": 100, "min_examples": DATA_MINIMUM[env_name], "configs": [prior],
                     "reason": f"{why}no meta-LLM: iteration 1 trains the authors' {env_name} prior on all the "
@@ -618,7 +609,7 @@ def heuristic_decision(env_name, iteration, processes=1, meta_error=None):
 
 
 def engine_prompt(env_name, iteration, ledger, last_data, processes=1):
-    prior = (f"The authors' prior for {env_name} (given at iteration 1 only): {json.dumps(parse_recipe(PRIORS[env_name]))}, "
+    prior = (f"The authors' prior for {env_name} (given at iteration 1 only): {json.dumps(check_recipe(PRIORS[env_name]))}, "
              f"with at least {DATA_MINIMUM[env_name]} examples.\n" if iteration == 1 else "")
     data = "No data yet: this iteration must regenerate it.\n"
     if last_data:

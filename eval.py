@@ -355,7 +355,7 @@ def episode_stats(records):
     info = last.get("info", {})
     return {
         "steps": c["steps"], "progression": last.get("progression", 0.0), "return": ret,
-        "end_status": info.get("end_status") or ("max_steps" if last and not last["done"] else None),
+        "end_status": info.get("end_status") or ("truncated" if last and not last["done"] else None),
         "achievements": info.get("unlocked"), "counts": c,
     }
 
@@ -709,6 +709,8 @@ def check_args(args):
     except agent_mod.ScaffoldError as e:
         raise UsageError(str(e))
     jobs = plan_jobs(args)
+    if args.agent == "memory" and scaffold.plays_problem(sorted({e for e, _, _ in jobs})):
+        raise UsageError(scaffold.plays_problem(sorted({e for e, _, _ in jobs})) + ": choose its --env")
     if any(e == "minihack" and "Boxoban" in t for e, t, _ in jobs):
         try:
             envs._boxoban_folder()
@@ -868,6 +870,15 @@ def print_summary(run, summary):
     print(f"wrote {run}/summary.json and {run}/report.md"
           + (f"; {len(summary['unfinished'])} episode(s) unfinished: rerun with --resume"
              if summary["unfinished"] else ""))
+
+
+def default_run_name(args):
+    """<env>_<scaffold>_<model>[+<specialist>] for AutoMem, <env>_<agent>_<model> for BALROG's agents."""
+    model = args.model.split("/")[-1]
+    if args.agent != "memory":
+        return f"{args.env}_{args.agent}_{model}"
+    specialist = f"+{Path(args.specialist.rstrip('/')).name}" if args.specialist else ""
+    return f"{args.env}_{Path(args.scaffold).name}_{model}{specialist}"
 
 
 def run_eval(args):
@@ -1114,7 +1125,7 @@ def build_parser():
                    help=f"per model reply (default {PAPER_SAMPLING['max_new_tokens']}; 32 for tiny-random)")
     p.add_argument("--top-p", type=float, default=None,
                    help="sent only when given (default: the model's own generation config)")
-    p.add_argument("--out", default=None, help="run folder (default runs/<env>_<scaffold>_<agent>_<model>)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<env>_<scaffold>_<model>; BALROG's agents: runs/<env>_<agent>_<model>)")
     p.add_argument("--resume", action="store_true", help="skip finished episodes, rerun unfinished ones")
     p.add_argument("--shard", default=None, help="i/n: run share i of n of the episodes (0 <= i < n), as one "
                    "of n independent jobs on the same run folder, e.g. a Slurm array")
@@ -1149,8 +1160,7 @@ def main(argv=None):
         # tiny-random babbles until the cap: a protocol-sized cap makes a smoke run take hours
         args.max_new_tokens = 32 if args.model == "tiny-random" else PAPER_SAMPLING["max_new_tokens"]
     if args.out is None:
-        args.out = str(ROOT / "runs" / f"{args.env}_{Path(args.scaffold).name}_{args.agent}_"
-                       f"{args.model.split('/')[-1]}")
+        args.out = str(ROOT / "runs" / default_run_name(args))
     try:
         return run_eval(args)
     except UsageError as e:

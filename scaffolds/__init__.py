@@ -14,6 +14,7 @@ loop #1 validates candidates in a subprocess without API keys (DESIGN.md).
 import ast
 import builtins
 import collections
+import copy
 import dataclasses
 import faulthandler
 import functools
@@ -27,6 +28,7 @@ import threading
 import types
 from pathlib import Path
 
+from envs import ENVS
 from memory_fs import ALL_OPS, builtin_kind, name_problem
 
 SCAFFOLDS = Path(__file__).resolve().parent
@@ -92,7 +94,8 @@ def run_policy(path, seconds, fn, *args):
 # cached_property, total_ordering; string.Formatter and Template), classes a policy could patch
 # (json.JSONEncoder) or whose methods, called on any object, set attributes on it
 # (difflib.SequenceMatcher), namedtuple (it builds a class with exec), and modules. `random` is
-# not importable: a policy's choices stay reproducible.
+# not importable: a policy's choices stay reproducible. `copy.deepcopy` is a checked stand-in
+# (plain_deepcopy): the real one copies any object, the harness's included.
 MODULE_MEMBERS = {name: tuple(members.split()) for name, members in {
     "re": "compile search match fullmatch findall finditer sub subn split escape error "
           "IGNORECASE I MULTILINE M DOTALL S VERBOSE X ASCII A",
@@ -112,9 +115,34 @@ MODULE_MEMBERS = {name: tuple(members.split()) for name, members in {
     "heapq": "heappush heappop heapify heapreplace heappushpop nlargest nsmallest merge",
     "bisect": "bisect bisect_left bisect_right insort insort_left insort_right",
     "difflib": "get_close_matches ndiff unified_diff",
+    "copy": "deepcopy",
 }.items()}
 ALLOWED_IMPORTS = tuple(MODULE_MEMBERS)
-_MEMBERS = {name: types.MappingProxyType({k: getattr(importlib.import_module(name), k) for k in members})
+PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset,
+               collections.Counter, collections.deque, collections.defaultdict, collections.OrderedDict)
+
+
+def plain_deepcopy(data):
+    """copy.deepcopy for plain data (containers of str, numbers, None), which is what a policy keeps
+    in ep.state; anything else (the episode object, a function, a module view) is refused, since
+    the real deepcopy would copy the harness objects behind it."""
+    stack = [data]
+    while stack:
+        x = stack.pop()
+        if type(x) not in PLAIN_TYPES:
+            raise TypeError(f"copy.deepcopy copies plain data only (containers of str, numbers, None), "
+                            f"not {type(x).__name__}")
+        if isinstance(x, collections.defaultdict) and x.default_factory not in (None, *PLAIN_TYPES):
+            raise TypeError("copy.deepcopy: a defaultdict's factory must be a plain type, e.g. list")
+        if isinstance(x, dict):
+            stack += [*x.keys(), *x.values()]
+        elif not isinstance(x, (str, bytes)) and isinstance(x, (list, tuple, set, frozenset, collections.deque)):
+            stack += list(x)
+    return copy.deepcopy(data)
+
+
+_MEMBERS = {name: types.MappingProxyType({k: plain_deepcopy if (name, k) == ("copy", "deepcopy")
+                                          else getattr(importlib.import_module(name), k) for k in members})
             for name, members in MODULE_MEMBERS.items()}
 
 
@@ -139,7 +167,8 @@ class ModuleView:
 
 
 # Builtins a policy may use (nothing that runs, opens or inspects code, reaches types or
-# attributes by name, or prints); the harness adds an __import__ that hands out module views.
+# attributes by name); the harness adds an __import__ that hands out module views, a print that
+# writes into the step's trace line, and a hasattr limited to the attributes a policy may use.
 SAFE_BUILTINS = tuple((
     "abs all any bool chr dict divmod enumerate filter float frozenset int isinstance iter len list map "
     "max min next ord pow range repr reversed round set slice sorted str sum tuple zip "
@@ -147,20 +176,43 @@ SAFE_BUILTINS = tuple((
     "TypeError ValueError ZeroDivisionError").split())
 
 
-def policy_builtins(views):
-    """A policy's __builtins__, fresh per episode; `import x` gives `views[x]`."""
+PRINT_CHARS = 20_000   # of a step's printed text kept in its trace line
+
+
+def policy_builtins(views, printed=None):
+    """A policy's __builtins__, fresh per episode; `import x` gives `views[x]`; `print` appends to
+    `printed` (a list the harness empties into each step's trace line; None: discarded)."""
     def policy_import(name, globals=None, locals=None, fromlist=(), level=0):
         if level or name not in views:
             raise ImportError(f"policy.py may import only {', '.join(ALLOWED_IMPORTS)}")
         return views[name]
-    return {**{name: getattr(builtins, name) for name in SAFE_BUILTINS}, "__import__": policy_import}
+
+    def policy_print(*values, sep=" ", end="\n"):
+        if not isinstance(sep, str) or not isinstance(end, str):
+            raise TypeError("print: sep and end are strings")
+        if printed is None:
+            return
+        room = PRINT_CHARS - sum(map(len, printed))
+        text = sep.join(map(str, values)) + end
+        if room > 0:
+            printed.append(text if len(text) <= room else text[:room] + f"\n[print: over {PRINT_CHARS} "
+                                                                      "characters this step, the rest dropped]\n")
+
+    def policy_hasattr(obj, name):
+        if not isinstance(name, str):
+            raise TypeError("hasattr: the attribute name is a str")
+        return name in allowed_attributes() and hasattr(obj, name)
+
+    return {**{name: getattr(builtins, name) for name in SAFE_BUILTINS}, "__import__": policy_import,
+            "print": policy_print, "hasattr": policy_hasattr}
 
 
 # Named in error messages: builtins a policy may not use (they are not in SAFE_BUILTINS either).
 BANNED_NAMES = {"open", "exec", "eval", "compile", "globals", "locals", "vars", "getattr", "setattr",
                 "delattr", "dir", "input", "breakpoint", "help", "exit", "quit", "memoryview", "type",
-                "object", "super", "classmethod", "staticmethod", "property", "print", "id", "hasattr"}
-REFUSED_NODES = {ast.ClassDef: "class definitions are not allowed (keep state in ep.state)",
+                "object", "super", "classmethod", "staticmethod", "property", "id"}
+REFUSED_NODES = {ast.ClassDef: "class definitions are not allowed: a class carries attributes that "
+                               "the checker cannot follow; keep state in ep.state (a dict) and write functions",
                  ast.AsyncFunctionDef: "async code is not allowed", ast.Await: "async code is not allowed",
                  ast.AsyncFor: "async code is not allowed", ast.AsyncWith: "async code is not allowed",
                  ast.AnnAssign: "annotations are not allowed"}
@@ -187,13 +239,13 @@ def allowed_attributes():
     return frozenset(names - {"format", "format_map", "obj"})
 
 
-def _private(name):
-    return name.startswith("_") and name != "_"   # a lone _ is the usual throwaway name
+def _dunder(name):
+    return name.startswith("__")   # _helper is fine; __builtins__, __import__, __class__ are the harness's
 
 
 def check_policy(tree):
     """(line, why) for every construct policy.py may not use. The rules close the ways out of the
-    sandbox: modules and their members beyond the allowlists, names starting with `_` (dunders),
+    sandbox: modules and their members beyond the allowlists, names starting with `__` (dunders),
     builtins that run, open or inspect things, attributes beyond the allowlist (frames, code,
     str.format, the harness's private fields), any attribute assignment (it could patch a shared
     class, or carry data between episodes), annotations (some functions evaluate them), classes,
@@ -215,18 +267,18 @@ def check_policy(tree):
             else:
                 bad += [(line, f"{node.module}.{a.name} is not available to a policy") for a in node.names
                         if a.name not in MODULE_MEMBERS[node.module]]
-        elif isinstance(node, ast.Name) and (_private(node.id) or node.id in BANNED_NAMES):
+        elif isinstance(node, ast.Name) and (_dunder(node.id) or node.id in BANNED_NAMES):
             bad.append((line, f"the name {node.id!r} is not allowed"))
         elif isinstance(node, (ast.FunctionDef, ast.Lambda)):
             given = getattr(node, "name", "")
-            if _private(given):
-                bad.append((line, f"names starting with '_' are not allowed ({given!r})"))
+            if _dunder(given):
+                bad.append((line, f"names starting with '__' are not allowed ({given!r})"))
             if getattr(node, "returns", None) or any(a.annotation for a in _arguments(node.args)):
                 bad.append((line, "annotations are not allowed"))
         elif isinstance(node, (ast.arg, ast.alias)):
             given = node.arg if isinstance(node, ast.arg) else node.asname or ""
-            if _private(given):
-                bad.append((line, f"names starting with '_' are not allowed ({given!r})"))
+            if _dunder(given):
+                bad.append((line, f"names starting with '__' are not allowed ({given!r})"))
         elif isinstance(node, ast.Attribute):
             module = aliases.get(node.value.id) if isinstance(node.value, ast.Name) else None
             if not isinstance(node.ctx, ast.Load):
@@ -240,7 +292,8 @@ def check_policy(tree):
             bad += [(line, f"matching the attribute {a!r} is not allowed") for a in node.kwd_attrs
                     if a not in attributes]
         elif isinstance(node, (ast.Try, ast.TryStar)) and node.finalbody:
-            bad.append((line, "finally blocks are not allowed (they would run when the harness closes a step)"))
+            bad.append((line, "finally blocks are not allowed: they would run policy code when the harness closes "
+                              "a step (a timer, an error elsewhere); put the clean-up after the try/except instead"))
         elif isinstance(node, ast.ExceptHandler) and node.type is None:
             bad.append((line, "a bare except is not allowed (name what you catch: except ValueError)"))
     return bad
@@ -298,6 +351,18 @@ class Scaffold:
     def limits(self):
         return self.config["limits"]
 
+    @property
+    def games(self):
+        """The games this scaffold plays (scaffold.json `games`; every game when it names none)."""
+        return tuple(self.config.get("games", ENVS))
+
+    def plays_problem(self, env_names):
+        """Why this scaffold cannot play all of `env_names` (one line), or None."""
+        others = [e for e in env_names if e not in self.games]
+        if not others:
+            return None
+        return f"scaffold {self.name} plays {', '.join(self.games)}, not {', '.join(others)}"
+
     def limit(self, key):
         """A step limit (STEP_LIMITS): scaffold.json's, else the default."""
         return self.limits.get(key, STEP_LIMITS[key])
@@ -322,10 +387,11 @@ class Scaffold:
                 h.update(p.read_bytes())
         return h.hexdigest()
 
-    def module(self):
-        """policy.py executed in fresh globals, builtins and module views: one per episode."""
+    def module(self, printed=None):
+        """policy.py executed in fresh globals, builtins and module views: one per episode; its
+        print() appends to `printed`."""
         views = {name: ModuleView(name) for name in ALLOWED_IMPORTS}
-        namespace = {"__builtins__": policy_builtins(views), "__name__": "policy"}
+        namespace = {"__builtins__": policy_builtins(views, printed), "__name__": "policy"}
         self.run(exec, self.code, namespace)
         return namespace
 
@@ -420,6 +486,9 @@ def _read_config(path, fail):
     for key in ("ops", "limits", "fallback_action", "initial_files"):
         if not isinstance(config.get(key), dict):
             fail("scaffold.json", f"missing key {key!r} (an object)")
+    games = config.get("games", list(ENVS))
+    if not (isinstance(games, list) and games and all(g in ENVS for g in games)):
+        fail("scaffold.json games", f"a non-empty list of games from {list(ENVS)}, got {games!r}")
     for key in MEMORY_LIMITS:
         if key not in config["limits"]:
             fail("scaffold.json limits", f"missing {key!r}")

@@ -48,7 +48,8 @@ ADAPTERS=${ADAPTERS:-adapters/loop2_${ENV_NAME}}
 if [ -z "$PROCESSES" ]; then   # the engine must pick global batches that split over them
   PROCESSES=1
   [[ $LAUNCH =~ --config_file[=\ ]+([^ ]+) ]] && [ -f "${BASH_REMATCH[1]}" ] \
-    && PROCESSES=$(sed -n 's/^num_processes: *\([0-9]*\).*/\1/p' "${BASH_REMATCH[1]}" | grep . || echo 1)
+    && PROCESSES=$("$PYTHON" -c 'import sys; from accelerate.commands.config.config_args import load_config_from_file as load
+print(load(sys.argv[1]).num_processes or 1)' "${BASH_REMATCH[1]}")
   [[ $LAUNCH =~ --(nproc[_-]per[_-]node|num[_-]processes)[=\ ]+([0-9]+) ]] && PROCESSES=${BASH_REMATCH[2]}
 fi
 

@@ -3,6 +3,7 @@ SIGKILL + resume, Ctrl-C, reports and plots."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,7 +178,7 @@ def test_behaviour_metrics_on_hand_built_traces():
     assert b["mean_prompt_tokens_per_step"] == (10 + 10 + 10 + 30) / 4
     assert b["log_writes_per_search"] == 5 / 2          # APPEND x2, UPSERT, WRITE, DELETE / 2 SEARCH
     assert b["invalid_action_rate"] == 0.25 and s["counts"]["parse_errors"] == 1
-    assert s["return"] == 2.0 and s["end_status"] == "max_steps"
+    assert s["return"] == 2.0 and s["end_status"] == "truncated"
     # BALROG's standard error: population std (sqrt(200 / 3)) / sqrt(3)
     assert ev.mean_se([10.0, 20.0, 30.0]) == {"mean": 20.0, "stderr": pytest.approx(200 ** 0.5 / 3), "n": 3}
     assert ev.mean_se([7.0]) == {"mean": 7.0, "stderr": 0.0, "n": 1}
@@ -547,3 +548,21 @@ def test_summaries_stream_the_traces(tmp_path):
     assert peak(lambda: ev.read_trace(trace)) > size        # what holding the whole trace takes
     assert peak(lambda: ev.summarize(tmp_path)) < size / 10
     assert peak(lambda: ev.summarize(tmp_path, on_episode)) < size / 10 and seen == [(800, 799, 800)]
+
+
+def test_a_scaffold_run_on_a_game_it_does_not_play_exits_2_with_one_line(tmp_path):
+    scaffold = tmp_path / "crafter_only"
+    shutil.copytree(ROOT / "scaffolds" / "v0", scaffold)
+    config = json.loads((scaffold / "scaffold.json").read_text())
+    (scaffold / "scaffold.json").write_text(json.dumps({**config, "games": ["crafter"]}))
+    for env_name, played in (("minihack", False), ("all", False), ("crafter", True)):
+        if played:
+            assert agent_mod.load_scaffold(scaffold).plays_problem(["crafter"]) is None
+            continue
+        r = run_eval(["--env", env_name, "--scaffold", str(scaffold)])
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert "scaffold crafter_only plays crafter, not minihack" in lines[0] and "choose its --env" in lines[0]
+    (scaffold / "scaffold.json").write_text(json.dumps({**config, "games": ["doom"]}))
+    r = run_eval(["--env", "crafter", "--scaffold", str(scaffold)])
+    assert r.returncode == 2 and "scaffold.json games" in r.stderr

@@ -377,7 +377,7 @@ def test_top_pct_cut_is_accounted_for(tmp_path, scripted_run):
 def test_heuristic_engine_brackets_the_learning_rate_then_stops(tmp_path, scripted_run):
     """Without a meta-LLM: the prior on all the data, then the same data at half and twice its
     learning rate; a third iteration is refused (in one line), and so is loop2.sh asked for it."""
-    prior = cs.parse_recipe(cs.PRIORS["crafter"])
+    prior = cs.check_recipe(cs.PRIORS["crafter"])
     first, second = cs.decide("crafter", 1, [], None), cs.decide("crafter", 2, [], None)
     assert (first["data"], first["top_pct"], first["configs"]) == ("regenerate", 100, [prior])
     assert second["data"] == "reuse" and [c["lr"] for c in second["configs"]] == [2.5e-5, 1e-4]
@@ -397,7 +397,7 @@ def test_heuristic_engine_brackets_the_learning_rate_then_stops(tmp_path, script
     decision = json.loads((tmp_path / "iter1/decision.json").read_text())
     assert decision["iteration"] == 1 and decision["data"] == "regenerate"
     recipe = json.loads((tmp_path / "iter1/recipe_1.json").read_text())
-    assert cs.check_recipe(recipe) == cs.parse_recipe(cs.PRIORS["crafter"]) and not (tmp_path / "iter1/recipe_2.json").exists()
+    assert cs.check_recipe(recipe) == cs.check_recipe(cs.PRIORS["crafter"]) and not (tmp_path / "iter1/recipe_2.json").exists()
 
 
 # ---------------------------------------------------------------- training ---------------------
@@ -462,7 +462,7 @@ def test_two_processes_train_one_epoch_once(tmp_path, sft_data):
     batch x grad_accum, 4, is the global batch: 2 processes x micro-batch 1 x 2 accumulation steps."""
     data = (sft_data / "all.jsonl").read_text().splitlines()
     (tmp_path / "train.jsonl").write_text("\n".join(data[:16]) + "\n")
-    recipe = {**cs.parse_recipe(cs.PRIORS["crafter"]), "rank": 8, "alpha": 16, "lr": 1e-3, "epochs": 1,
+    recipe = {**cs.check_recipe(cs.PRIORS["crafter"]), "rank": 8, "alpha": 16, "lr": 1e-3, "epochs": 1,
               "batch": 1, "grad_accum": 4, "cutoff": 4096, "warmup": 0.2}
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     r = train(tmp_path, tmp_path / "two", launcher=(sys.executable, "-m", "torch.distributed.run",
@@ -578,7 +578,7 @@ def test_the_batch_plan_keeps_the_global_batch_and_fits_the_gpu():
     x 80 GB with FSDP at the 16k cutoff: a micro-batch of 2 needs 83 GiB, so each GPU runs 1 with
     4 accumulation steps, 32 per step as before. Unsharded, nothing fits: one line says so."""
     from transformers import Qwen2Config
-    qwen32b, prior = Qwen2Config(**QWEN32B), cs.parse_recipe(cs.PRIORS["crafter"])
+    qwen32b, prior = Qwen2Config(**QWEN32B), cs.check_recipe(cs.PRIORS["crafter"])
     counts = tl.parameter_counts(qwen32b, set(tl.TARGET_MODULES["ATTN"]), prior["rank"])
     assert prior["batch"] * prior["grad_accum"] == 2 * 8 * 2
     gpu = 80 * 10 ** 9
@@ -675,7 +675,7 @@ def test_smollm2_gguf_loads_generates_and_trains(tmp_path, monkeypatch):
     time parsing the GGUF file."""
     short = item("log", "<|SEARCH|>log.md|cow<|END|>", "<|APPEND|>log.md|cow at 3<|END|><|DONE|>", user="Step 3: a cow.")
     (tmp_path / "train.jsonl").write_text(json.dumps({"messages": short["messages"]}) + "\n")
-    recipe = {**cs.parse_recipe(cs.PRIORS["crafter"]), "rank": 4, "alpha": 8, "batch": 1, "grad_accum": 1, "cutoff": 128}
+    recipe = {**cs.check_recipe(cs.PRIORS["crafter"]), "rank": 4, "alpha": 8, "batch": 1, "grad_accum": 1, "cutoff": 128}
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     training = subprocess.Popen([sys.executable, str(ROOT / "train_lora.py"), "--model", "smollm2-135m", "--data",
                                  str(tmp_path / "train.jsonl"), "--recipe", str(tmp_path / "recipe.json"), "--out",

@@ -387,6 +387,59 @@ def test_hostile_policies_are_refused_at_load(tmp_path, case):
         load_scaffold(d)
 
 
+def test_the_checker_takes_the_authors_idioms_and_they_open_nothing(tmp_path):
+    """Single-underscore helpers, print (into the step's trace line), hasattr and copy.deepcopy
+    of plain data load and run; each opens nothing: hasattr answers only for attributes a policy
+    may use, deepcopy refuses anything but plain data, print cannot write to a file, and the
+    dunders and the harness's private attributes stay refused."""
+    d = mini(tmp_path, '''
+        import copy
+
+
+        def _plan_note(ep, state):
+            _kept = copy.deepcopy(state)
+            _kept["seen"].append(ep.step)
+            return _kept
+
+        def step(ep):
+            ep.state.setdefault("notes", {"seen": []})
+            ep.state["notes"] = _plan_note(ep, ep.state["notes"])
+            print("step", ep.step, sep="=", end=";")
+            print(hasattr(ep, "step"), hasattr(ep, "_agent"), hasattr(ep, "_fixed"), hasattr("", "__class__"))
+            for probe in (lambda: copy.deepcopy(ep), lambda: copy.deepcopy({"f": ep.read}),
+                          lambda: copy.deepcopy([copy]), lambda: print("x", file=ep)):
+                try:
+                    probe()
+                except TypeError as e:
+                    print("refused:", "plain data only" in str(e), "'file'" in str(e))
+            return "noop"
+        ''')
+    records, agents = play_mini(tmp_path, d, steps=2)
+    assert records[0][1]["printed"] == ("step=1;True False False False\n" + "refused: True False\n" * 3 +
+                                        "refused: False True\n")
+    assert agents[0].ep.state["notes"] == {"seen": [0, 1]}
+    assert json.loads(json.dumps(records[0][0]))["printed"].startswith("step=0;")
+    for source, line, why in (("def step(ep):\n    return ep._agent\n", 2, "the attribute ._agent is not allowed"),
+                              ("def __step(ep):\n    return None\n", 1, "names starting with '__' are not allowed"),
+                              ("def step(ep):\n    return __builtins__\n", 2, "the name '__builtins__' is not allowed"),
+                              ("import copy\n\ndef step(ep):\n    return copy.copy(ep)\n", 4,
+                               "copy.copy is not available to a policy")):
+        with pytest.raises(ScaffoldError, match=rf"policy.py:{line}: {re.escape(why)}"):
+            load_scaffold(mini(tmp_path / str(line) / why[:9].replace(" ", "_"), source))
+
+
+def test_a_print_flood_is_cut_in_the_trace(tmp_path):
+    d = mini(tmp_path, '''
+        def step(ep):
+            for i in range(10000):
+                print("x" * 100)
+            return "noop"
+        ''')
+    records, _ = play_mini(tmp_path, d, steps=1)
+    assert len(records[0][0]["printed"]) < scaffolds.PRINT_CHARS + 100
+    assert records[0][0]["printed"].endswith("characters this step, the rest dropped]\n")
+
+
 def test_a_scaffolds_files_are_its_own(tmp_path):
     """A link in a scaffold could read a file from anywhere into a prompt or into memory."""
     d = mini(tmp_path, "def step(ep):\n    return None\n")
