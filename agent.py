@@ -753,7 +753,7 @@ class BadReply(ValueError):
     body that is not JSON at all surfaces as the client's JSONDecodeError)."""
 
 
-CONTEXT_LENGTH = re.compile(r"context[ _](length|size|window)|exceed_context", re.I)
+CONTEXT_LENGTH = re.compile(r"context[ _](length|size|window)|exceed_context|max-model-len", re.I)
 MAX_WAIT = 60.0   # seconds: the longest wait before a retry, a server's Retry-After included
 PROBES = 3        # a model that is down is asked this often, MAX_WAIT s apart, before queued episodes start
 CONNECT_TIMEOUT = 10.0   # seconds to open a connection (a live server accepts at once)
@@ -772,9 +772,9 @@ def ask_one_token(client, model):
 
 def context_length_rejection(e):
     """Whether a failed request is the server refusing a prompt that does not fit the model's
-    context (vLLM, SGLang, llama.cpp and OpenAI all answer 400 and say so in the message)."""
+    context (vLLM, SGLang, llama.cpp, OpenAI and `transformers serve` all answer 400 and say so)."""
     import openai
-    return isinstance(e, openai.BadRequestError) and bool(CONTEXT_LENGTH.search(str(e)))
+    return isinstance(e, openai.BadRequestError) and bool(CONTEXT_LENGTH.search(server_said(e)))
 
 
 def retryable(e):
