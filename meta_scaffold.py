@@ -770,10 +770,11 @@ def meta_request(client, deadline, **request):
             timeout = agent_mod.request_timeout(min(REQUEST_TIMEOUT, left))
             return client.with_options(timeout=timeout).chat.completions.create(**request)
         except openai.APIError as e:
+            if time.time() >= deadline:       # cut by the deadline
+                return None
             if not agent_mod.retryable(e) or attempt == META_RETRIES:
                 raise
             time.sleep(min(2 ** attempt, max(0.0, deadline - time.time())))
-    return None
 
 
 def failure_line(client, model, e):
