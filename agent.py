@@ -52,7 +52,7 @@ from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from memory_fs import ALL_OPS, MemoryFS, MemoryRefused
+from memory_fs import ALL_OPS, MemoryFS, MemoryRefused, remove_ops
 from scaffolds import SCAFFOLDS, PolicyError, ScaffoldError, load_scaffold  # noqa: F401  (agent.load_scaffold is the entry point)
 
 ROOT = Path(__file__).resolve().parent
@@ -243,6 +243,11 @@ class Episode:
     def action_name(self, text):
         """The game's name for an action text (case and spacing as the game reads them), or None."""
         return self._agent.env.parse_action(str(text))
+
+    def remove_ops(self, text, name):
+        """`text` without its `name` ops as the parser reads them, stripped (e.g. a specialist's
+        ACTION, before the base model sees its reply)."""
+        return remove_ops(str(text), str(name).upper())
 
     def file_index(self):
         """`name (N lines)` per memory file, sorted."""

@@ -17,6 +17,7 @@ runs: edits made to it from outside are not seen.
 """
 import argparse
 import errno
+import functools
 import os
 import re
 import stat
@@ -31,16 +32,24 @@ ARITY = {"READ": 1, "SEARCH": 2, "TAIL": 2, "COUNT": 2, "APPEND": 2, "WRITE": 2,
          "UPSERT": 3, "DELETE": 1, "DONE": 0, "ACTION": 1}
 ALL_OPS = tuple(ARITY)
 UPSERT_SEPARATOR = ": "
+OTHER_LINE_BREAKS = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 MAX_ACTION_CHARS = 60       # a longer "action" is prose, not an action name (as the authors')
 
-# An op tag: `<|NAME|>` and the sloppy forms `<NAME>`, `<|NAME>`, `<NAME|>`; END may also close
-# with `|}`, and `</NAME>` closes NAME as END does. Lower case is accepted. A tag without a pipe
-# counts only for a known op name, so prose such as `<b>` or `<think>` stays prose.
-TAG_RE = re.compile(r"<(\|?)\s*(/?)\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\|?)[>}]")
-# The authors' third action form: a line `ACTION: name`, read after the tags.
-# Markdown bold around either part is read too: `**ACTION:** Move West`, `ACTION: **Move West**`.
-ACTION_LINE_RE = re.compile(r"^[ \t*]*ACTION[ \t*]*:[ \t*]*(.+?)[ \t*]*$", re.I | re.M)
+# The authors' grammar. An op is its opening tag `<|NAME|>` (each pipe optional, exact case, no
+# spaces) and everything after it up to the next END anywhere (`<|END|>`, `<|END|}`, pipes
+# optional): non-greedy and across lines, so an op without its own END swallows the text up to
+# the next one. Each op name is matched on its own, as the authors' one regex per name did.
+END = r"<\|?END\|?[>}]"
+TERMINATOR_RE = re.compile(rf"{END}|<\|?DONE\|?>")
+# a piped tag of no known op, e.g. `<|FLY|>`, `<|read|>` (tags without a pipe, `<b>`, are prose)
+PIPED_TAG_RE = re.compile(r"<\|([A-Za-z_]\w*)\|?>|<([A-Za-z_]\w*)\|>")
+# The three action forms, tried in this order (the first match of the first form whose first
+# match is usable is the authors' committed action): the tag (any case), `<ACTION>…</ACTION>`,
+# and a line `ACTION: x` (x 1-40 characters; the blanks after the colon may cross a line break).
+ACTION_FORMS = (re.compile(rf"<\|?ACTION\|?>(.*?){END}", re.S | re.I),
+                re.compile(r"<ACTION>(.*?)</ACTION>", re.S | re.I),
+                re.compile(r"(?:^|\n)\s*ACTION:\s*([^\n]{1,40})\s*(?=\n|$)", re.I))
 
 
 def builtin_kind(name):
@@ -61,8 +70,8 @@ class Op:
 
 @dataclass
 class Parsed:
-    ops: list               # every op in order, malformed ones included (with .error)
-    actions: list = field(default_factory=list)  # every committed action, tags first (see parse_ops)
+    ops: list               # every op in text order, malformed ones included (with .error)
+    actions: list = field(default_factory=list)  # committed actions; the first is the authors' (see parse_ops)
     done: bool = False      # whether DONE was given
 
     @property
@@ -76,90 +85,88 @@ def clean_action(text):
     return text[:-1].rstrip().strip("`'\"*").strip() if text.endswith(".") else text
 
 
+@functools.lru_cache(maxsize=64)
+def _op_re(name):
+    """An op of this name up to the next END, and its opening tag alone."""
+    tag = rf"<\|?{re.escape(name)}\|?>"
+    return re.compile(rf"{tag}(.*?){END}", re.S), re.compile(tag)
+
+
 def parse_ops(text, allowed=None, arity=None):
-    """All ops in `text`, in order. `allowed`: op names this phase may use (None: all);
+    """All ops in `text`, in text order. `allowed`: op names this phase may use (None: all);
     `arity`: argument counts of scaffold-registered ops. Never raises.
 
-    Committed actions (`Parsed.actions`): each well-formed ACTION tag (`<|ACTION|>x<|END|>`,
-    `<ACTION>x</ACTION>`, or an unterminated `<|ACTION|>x` read to the end of its line), then each
-    `ACTION: x` line; cleaned by `clean_action`. Which one counts is the caller's choice (the
-    harness takes the first the game accepts, so an echoed placeholder does not win)."""
+    Committed actions (`Parsed.actions`), cleaned by `clean_action`: first the authors' pick (the
+    first match of each form in turn, until one is a usable name: non-empty, under
+    MAX_ACTION_CHARS), then every other usable match, form by form, in text order. Which one
+    counts is the caller's choice: actions[0] is the authors', and the harness takes the first
+    the game accepts."""
     arity = {**ARITY, **(arity or {})}
     allowed = None if allowed is None else {a.upper() for a in allowed}
     text = text if isinstance(text, str) else str(text)
-    tags = []
-    for m in TAG_RE.finditer(text):
-        name = m.group(3).upper()
-        piped = bool(m.group(1) or m.group(4))
-        if piped or name in arity or name == "END":
-            tags.append((m, "END" if m.group(2) and name in arity else name))
-    parsed = Parsed(ops=[])
-    i = 0
-    while i < len(tags):
-        m, name = tags[i]
-        i += 1
-        if name == "END":
-            continue  # a stray terminator
-        if name not in arity:
-            parsed.ops.append(Op(name, error=f"unknown op {name}; known ops: {', '.join(arity)}",
-                                 raw=m.group(0)))
+    found = []          # (start, op)
+    spans = []
+    for name in arity:
+        if name == "ACTION":
             continue
-        if arity[name] == 0:  # DONE: no arguments; an END right after it is allowed
-            if i < len(tags) and tags[i][1] == "END" and not text[m.end():tags[i][0].start()].strip():
-                i += 1
-            op = Op(name, raw=m.group(0))
-        else:
-            if (i >= len(tags) or tags[i][1] != "END") and name == "ACTION":
-                line_end = text.find("\n", m.end())
-                stop = min(len(text) if line_end < 0 else line_end,
-                           tags[i][0].start() if i < len(tags) else len(text))
-                op = _action_op(text[m.end():stop])
-                op.raw = text[m.start():stop]
-            elif i >= len(tags) or tags[i][1] != "END":
-                op = Op(name, error=f"{name} has no closing <|END|>: write <|{name}|>"
-                        f"{'|'.join(['...'] * arity[name])}<|END|>", raw=m.group(0))
-            else:
-                end = tags[i][0]
-                i += 1
-                body = text[m.end():end.start()]
-                op = _action_op(body) if name == "ACTION" else _split_args(name, body, arity[name])
-                op.raw = text[m.start():end.end()]
-        if op.error is None and allowed is not None and name not in allowed:
-            op.error = f"{name} is not allowed here; allowed ops: {', '.join(sorted(allowed))}"
-        parsed.ops.append(op)
-        if op.error is None:
-            if name == "DONE":
-                parsed.done = True
-            elif name == "ACTION":
-                parsed.actions.append(op.args[0])
+        whole, tag = _op_re(name)
+        if arity[name] == 0:    # DONE: the tag alone
+            found += [(m.start(), Op(name, raw=m.group(0))) for m in tag.finditer(text)]
+            continue
+        last = 0
+        for m in whole.finditer(text):
+            found.append((m.start(), _split_args(name, m.group(1), arity[name])))
+            found[-1][1].raw = m.group(0)
+            spans.append(m.span())
+            last = m.end()
+        for m in tag.finditer(text, last):   # no END anywhere after it: the authors dropped it
+            found.append((m.start(), Op(name, error=f"{name} has no closing <|END|>: write <|{name}|>"
+                                        f"{'|'.join(['...'] * arity[name])}<|END|>", raw=m.group(0))))
+    pick, others = [], []   # pick: the authors' action (a form whose first match is unusable is passed over)
+    for form, pattern in enumerate(ACTION_FORMS):
+        for k, m in enumerate(pattern.finditer(text)):
+            op = _action_op(m.group(1))
+            op.raw = m.group(0)
+            if form < 2:    # the tag forms are ops; an `ACTION:` line is not
+                found.append((m.start(), op))
+                spans.append(m.span())
+            if op.error is None:
+                (pick if k == 0 and not pick else others).append(op.args[0])
+    for m in PIPED_TAG_RE.finditer(text):
+        name = m.group(1) or m.group(2)
+        if name not in arity and name.upper() != "END" and not any(a <= m.start() < b for a, b in spans):
+            found.append((m.start(), Op(name, error=f"unknown op {name}; known ops: {', '.join(arity)}",
+                                        raw=m.group(0))))
+    parsed = Parsed(ops=[op for _, op in sorted(found, key=lambda f: f[0])])
+    for op in parsed.ops:
+        if op.error is None and allowed is not None and op.name not in allowed:
+            op.error = f"{op.name} is not allowed here; allowed ops: {', '.join(sorted(allowed))}"
+        parsed.done |= op.name == "DONE" and op.error is None
     if allowed is None or "ACTION" in allowed:
-        for m in ACTION_LINE_RE.finditer(text):
-            action = clean_action(m.group(1))
-            if action and len(action) < MAX_ACTION_CHARS and "<" not in action:
-                parsed.actions.append(action)
+        parsed.actions = pick + others
     return parsed
 
 
 def _action_op(body):
-    action = clean_action(body)
-    if not action or len(action) >= MAX_ACTION_CHARS:
+    action = body.strip()
+    if len(action) >= MAX_ACTION_CHARS or not clean_action(action):
         return Op("ACTION", [action], error=f"ACTION takes one game action name (under "
                   f"{MAX_ACTION_CHARS} characters): <|ACTION|>action name<|END|>")
-    return Op("ACTION", [action])
+    return Op("ACTION", [clean_action(action)])
 
 
 def remove_ops(text, name):
-    """`text` without its `name` ops as the parser finds them, malformed ones included (e.g. the
-    ACTION a memory specialist must not commit)."""
-    for op in parse_ops(text).ops:
-        if op.name == name and op.raw:
-            text = text.replace(op.raw, "", 1)
-    return text
+    """`text` without its `name` ops, stripped (e.g. the ACTION a memory specialist must not
+    commit: every tag, `<ACTION>` pair and `ACTION:` line, as the authors removed them)."""
+    patterns = ACTION_FORMS if name == "ACTION" else _op_re(name)[:1]
+    for pattern in patterns:
+        text = pattern.sub("", text)
+    return text.strip()
 
 
 def cut_after_last_terminator(text):
     """`text` up to its last op terminator (END or DONE, as the parser reads tags)."""
-    ends = [m.end() for m in TAG_RE.finditer(text) if m.group(3).upper() in ("END", "DONE")]
+    ends = [m.end() for m in TERMINATOR_RE.finditer(text)]
     return text[:ends[-1]] if ends else text
 
 
@@ -174,8 +181,6 @@ def _split_args(name, body, n):
             args[1] = int(args[1])
         except ValueError:
             return Op(name, args, error=f"TAIL needs a whole number of lines, got {args[1]!r}")
-        if args[1] < 0:
-            return Op(name, args, error="TAIL needs a number of lines (0 for the whole file)")
     return Op(name, args)
 
 
@@ -185,19 +190,25 @@ _ARG_NAMES = {"READ": ["file"], "SEARCH": ["file", "keyword"], "TAIL": ["file", 
               "ACTION": ["action"]}
 
 
+def _universal_newlines(text):
+    """\\r\\n and \\r become \\n, as when the authors' store read a file back in text mode."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _normalise(text):
     return " ".join(text.lower().split())
 
 
 class _File:
-    """One file's text, kept with the derived forms that SEARCH and the counters need."""
+    """One file's text, kept with the derived forms that SEARCH and the counters need. Lines end
+    where `str.splitlines()` ends them (\\r, \\x0c and \\u2028 too), as for the authors."""
 
-    __slots__ = ("text", "lines", "_lower", "_norm")
+    __slots__ = ("text", "lines", "_lower", "_norm", "_plain")
 
-    def __init__(self, text):
+    def __init__(self, text, lines=None):
         self.text = text
-        self.lines = text.count("\n")
-        self._lower = self._norm = None
+        self.lines = len(text.splitlines()) if lines is None else lines
+        self._lower = self._norm = self._plain = None
 
     @property
     def lower(self):
@@ -211,10 +222,16 @@ class _File:
             self._norm = _normalise(self.text)
         return self._norm
 
-    def appended(self, new_lines):
-        """The file with lines added; the lowered text is extended, not recomputed."""
-        add = "".join(line + "\n" for line in new_lines)
-        grown = _File(self.text + add)
+    @property
+    def plain(self):
+        """Whether only \\n ends lines and lowering keeps every length (SEARCH's fast path)."""
+        if self._plain is None:
+            self._plain = len(self.lower) == len(self.text) and not OTHER_LINE_BREAKS.search(self.text)
+        return self._plain
+
+    def appended(self, add):
+        """The file with `add` (whole lines) added; the lowered text is extended, not recomputed."""
+        grown = _File(self.text + add, self.lines + len(add.splitlines()))
         if self._lower is not None:
             low = add.lower()
             if len(low) == len(add):
@@ -479,12 +496,14 @@ class MemoryFS:
         return lines[len(lines) - kept:]
 
     def _matches(self, f, keyword):
-        """The lines of `f` that contain `keyword`, case-insensitively, in file order."""
+        """The lines of `f` that contain `keyword`, case-insensitively, in file order (a keyword
+        holding a line break is in no line)."""
         kw = keyword.lower()
-        low = f.lower
-        if len(low) != len(f.text):  # lowering changed lengths (rare Unicode): go line by line
-            return [line for line in f.text.split("\n")[:-1] if kw in line.lower()]
-        out, pos, text = [], 0, f.text
+        if kw.splitlines() != [kw]:
+            return []
+        if not f.plain:
+            return [line for line in f.text.splitlines() if kw in line.lower()]
+        out, pos, text, low = [], 0, f.text, f.lower
         while True:
             hit = low.find(kw, pos)
             if hit < 0:
@@ -521,11 +540,12 @@ class MemoryFS:
         return f"{name}: {n} line{'s' * (n != 1)} contain{'s' * (n == 1)} {keyword!r}"
 
     def _op_tail(self, name, n):
-        """The last n lines (n = 0: all of them), as many of the newest as fit the result limit."""
+        """The lines `lines[-n:]` (n = 0: all of them; n = -1: all but the first, as for the
+        authors), as many of the newest as fit the result limit."""
         f = self._get(name)
         if not f.text:
             return f"{name} is empty"
-        lines = self._newest(f.text.split("\n")[:-1][-n:], len(name))
+        lines = self._newest(f.text.splitlines()[-n:], len(name))
         return f"last {len(lines)} of {f.lines} lines of {name}:\n" + "\n".join(lines)
 
     def _redundant(self, name, text):
@@ -538,11 +558,13 @@ class MemoryFS:
 
     def _op_append(self, name, text):
         self._check_name(name)
+        text = _universal_newlines(text)
         note = self._redundant(name, text)
         old = self._files.get(name) or _File("")
-        lines = text.split("\n")
-        self._store(name, old.appended(lines))
-        self._count("bytes_written", len(text.encode()) + len(lines))
+        add = text.rstrip("\n") + "\n"
+        lines = add.splitlines()
+        self._store(name, old.appended(add))
+        self._count("bytes_written", len(add.encode()))
         self._journal.append(("append", name, lines))
         f = self._files[name]
         return (f"appended {len(lines)} line{'s' * (len(lines) != 1)} to {name} "
@@ -550,6 +572,7 @@ class MemoryFS:
 
     def _op_write(self, name, text):
         self._check_name(name)
+        text = _universal_newlines(text)
         note = self._redundant(name, text)
         content = text + "\n" if text else ""
         self._store(name, _File(content))
@@ -569,7 +592,7 @@ class MemoryFS:
         key = " ".join(key.split())
         line = f"{key}{UPSERT_SEPARATOR}{' '.join(text.split())}"
         old = self._files.get(name) or _File("")
-        lines = old.text.split("\n")[:-1]
+        lines = old.text.splitlines()
         prefix = key + UPSERT_SEPARATOR
         where = next((i for i, existing in enumerate(lines) if existing.startswith(prefix)), None)
         if where is not None and lines[where] == line:
@@ -577,7 +600,7 @@ class MemoryFS:
             return f"{name}: {key} already reads so; nothing changed"
         note = self._redundant(name, text) if where is None else ""
         if where is None:
-            new = old.appended([line])
+            new = old.appended(line + "\n")
         else:
             lines[where] = line
             new = _File("".join(x + "\n" for x in lines))

@@ -319,6 +319,7 @@ def train(args):
                "micro_batch": targs.per_device_train_batch_size, "grad_accum": targs.gradient_accumulation_steps,
                "sharding": "fsdp" if trainer.is_fsdp_enabled else "zero3" if trainer.is_deepspeed_enabled else None,
                "memory_estimate_gib": {k: round(v / GIB, 3) for k, v in est.items()},
+               "peak_memory_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None,
                "first_loss": losses[0]["loss"] if losses else None,
                "final_loss": losses[-1]["loss"] if losses else None, "wall_s": round(time.time() - t0, 2),
                "versions": {p: metadata.version(p) for p in ("torch", "transformers", "peft", "accelerate")}}

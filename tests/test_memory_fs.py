@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import memory_fs
-from memory_fs import ARITY, MemoryFS, Op, parse_ops
+from memory_fs import ARITY, MemoryFS, Op, parse_ops, remove_ops
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def run(fs, text, allowed=None):
 
 def test_parser_forms_order_action_done():
     text = ("I will look first.\n```\n<|SEARCH|>map.md|tree<|END|>\n```\n"
-            "<SEARCH>map.md|iron<END> <|tail>log.md|5<|END>  <Count|>log.md|cow<|END|}"
+            "<SEARCH>map.md|iron<END> <|TAIL>log.md|5<|END>  <COUNT|>log.md|cow<|END|}"
             "<|APPEND|>log.md|a|b\nc<|END|> <|ACTION|>Move West<|END|><|ACTION|>Do<|END|><|DONE|>")
     p = parse_ops(text)
     assert [(o.name, o.args, o.error) for o in p.ops] == [
@@ -48,22 +48,66 @@ def test_parser_malformed_ops_become_errors():
     assert p.action is None and not p.done
 
 
+def test_an_op_runs_to_the_next_end_anywhere():
+    """The authors' grammar (automem_reference.md 1.1): each op name is matched on its own, from
+    its opening tag to the next END, across lines; an op with no END after it is dropped."""
+    p = parse_ops("<|APPEND|>f.md|a note\n<|READ|>g.md<|END|>")
+    assert [(o.name, o.args) for o in p.ops] == [("APPEND", ["f.md", "a note\n<|READ|>g.md"]), ("READ", ["g.md"])]
+    assert [(o.name, o.args) for o in parse_ops("<|READ|>a.md <|READ|>b.md<|END|>").ops] == \
+        [("READ", ["a.md <|READ|>b.md"])]                                  # the second READ is swallowed
+    p = parse_ops("<|ACTION|>north <|READ|>f.md<|END|>")
+    assert p.actions == ["north <|READ|>f.md"] and [o.name for o in p.ops] == ["ACTION", "READ"]
+    p = parse_ops("<|READ|>a.md<|END|> <|APPEND|>f.md|no end")
+    assert [(o.name, o.args, o.error) for o in p.ops] == [
+        ("READ", ["a.md"], None),
+        ("APPEND", [], "APPEND has no closing <|END|>: write <|APPEND|>...|...<|END|>")]
+
+
+def test_tag_forms():
+    """Each pipe is optional; END also closes with `}`; no spaces, exact case, `</NAME>` is no END."""
+    p = parse_ops("<|READ|>a.md<|END|} <READ>b.md<END> <|READ>c.md<END|> <READ|>d.md<|END>")
+    assert [(o.name, o.args) for o in p.ops] == [("READ", [f"{x}.md"]) for x in "abcd"]
+    assert parse_ops("<| READ |>a.md<|END|> <|READ|}b.md<|END|>").ops == []
+    assert [o.error for o in parse_ops("<|READ|>a.md</READ>").ops] == [
+        "READ has no closing <|END|>: write <|READ|>...<|END|>"]
+    assert [(o.name, o.error[:15]) for o in parse_ops("<|read|>a.md<|END|>").ops] == [("read", "unknown op read")]
+
+
 @pytest.mark.parametrize("text,actions", [
-    ("<|ACTION|>Move West", ["Move West"]),                              # unterminated, at the end
-    ("I go <|ACTION|>north\nbecause it is open", ["north"]),              # unterminated: its line
-    ('<|ACTION|>"north".<|END|>', ["north"]),                            # quotes and a period
-    ("<|ACTION|>`far east`<|END|>", ["far east"]),                       # backticks
-    ("<ACTION>Do</ACTION>", ["Do"]),                                     # the authors' second form
-    ("Thinking.\nACTION: Move North.", ["Move North"]),                  # their third form
-    ("**ACTION:** Move West", ["Move West"]),                            # markdown bold
-    ("ACTION: **Move West**", ["Move West"]),
-    ("<|ACTION|>**north**<|END|>", ["north"]),
+    ("<|ACTION|>Move West<|END|}", ["Move West"]),
+    ("<action>Do</action>", ["Do"]),                                      # the second form, any case
+    ("Thinking.\nACTION: Move North", ["Move North"]),                   # the third form
+    ("  action:   far east  \nmore", ["far east"]),
+    ("ACTION:\nnorth", ["north"]),                                       # the blanks cross a line break
+    ("ACTION: " + "x" * 40, ["x" * 40]),                                 # 1-40 characters
+    ("ACTION: " + "x" * 41, []),
+    ("Final ACTION: north", []),                                         # the line starts with ACTION
+    ("**ACTION:** west", []),
+    ("<|ACTION|>west", []),                                              # no END: dropped
+    ("I go <|ACTION|>north\nACTION: south", ["south"]),
+    ("<|ACTION|>" + "y" * 60 + "<|END|>\nACTION: south", ["south"]),    # 60 characters: prose
+    ("<|ACTION|><|END|>\nACTION: east", ["east"]),
+    ("<|ACTION|>kick d<|END|>\nACTION: north", ["kick d", "north"]),
+    ("ACTION: a\nACTION: b", ["a", "b"]),
+    # the authors' pick first (the first form's first match), then the rest form by form
+    ("<|ACTION|>a<|END|> <|ACTION|>d<|END|>\nACTION: c\n<ACTION>b</ACTION>", ["a", "d", "b", "c"]),
     ("Format: <|ACTION|>action name<|END|>. So <|ACTION|>west<|END|>", ["action name", "west"]),
-    ("<|ACTION|>" + "x" * 60 + "<|END|>", []),                           # prose, not an action name
+    ('<|ACTION|>"north".<|END|>', ["north"]),                            # ours: quotes, a period
+    ("<|ACTION|>`far east`<|END|>", ["far east"]),                       # backticks
+    ("ACTION: **Move West**", ["Move West"]),                            # markdown bold
 ])
 def test_action_forms(text, actions):
     assert parse_ops(text).actions == actions
     assert parse_ops(text, allowed=["READ"]).actions == []               # not where ACTION is not allowed
+
+
+def test_remove_ops():
+    """A specialist's ACTION goes in all three forms, as the authors removed it (an `<ACTION>` with
+    an END after it is the tag form: it takes the text up to that END)."""
+    text = "I think.\n<|ACTION|>west<|END|> then\nACTION: north\n<|READ|>f.md<|END|>"
+    assert remove_ops(text, "ACTION") == "I think.\n then\n<|READ|>f.md<|END|>"
+    assert remove_ops("go <ACTION>Do</ACTION>\nACTION: x\n<|READ|>f.md<|END|>", "ACTION") == "go"
+    assert remove_ops(text, "READ") == "I think.\n<|ACTION|>west<|END|> then\nACTION: north"
 
 
 def test_parser_ignores_prose_tags_and_phase_rules():
@@ -95,7 +139,7 @@ def test_parser_fuzz_never_raises_and_ops_are_well_formed(text):
         if op.error is None:
             assert op.name in ARITY and len(op.args) == ARITY[op.name]
             if op.name == "TAIL":
-                assert isinstance(op.args[1], int) and op.args[1] >= 0
+                assert isinstance(op.args[1], int)
 
 
 @settings(max_examples=1500, deadline=None)
@@ -146,6 +190,24 @@ def test_every_op(fs):
 def fs_root(fs):
     from pathlib import Path
     return Path(fs.root)
+
+
+def test_lines_end_where_splitlines_ends_them(tmp_path):
+    """As the authors' store (automem_reference.md 1.1): \\r (read back as \\n), \\x0c and \\u2028
+    end lines in the index, SEARCH, COUNT and TAIL; a keyword holding a line break is in no line;
+    TAIL takes any whole number, a negative n giving lines[-n:]."""
+    fs = MemoryFS(tmp_path / "m")
+    assert run(fs, "<|APPEND|>a.md|wood\rtree<|END|>") == ["appended 2 lines to a.md (now 2 lines)"]
+    assert run(fs, "<|APPEND|>a.md|page\x0cbreak\u2028cow<|END|>") == ["appended 3 lines to a.md (now 5 lines)"]
+    assert fs.read("a.md") == "wood\ntree\npage\x0cbreak\u2028cow\n"
+    assert fs.file_index() == "a.md (5 lines)"
+    assert run(fs, "<|SEARCH|>a.md|PAGE<|END|>") == ["a.md: 1 line containing 'PAGE':\npage"]
+    assert run(fs, "<|COUNT|>a.md|e<|END|>") == ["a.md: 3 lines contain 'e'"]
+    assert run(fs, "<|TAIL|>a.md|2<|END|>") == ["last 2 of 5 lines of a.md:\nbreak\ncow"]
+    assert run(fs, "<|TAIL|>a.md|-3<|END|>") == ["last 2 of 5 lines of a.md:\nbreak\ncow"]
+    assert run(fs, "<|SEARCH|>a.md|wood\ntree<|END|><|COUNT|>a.md|page\x0cbreak<|END|>") == [
+        "a.md: no line contains 'wood\\ntree'", "a.md: 0 lines contain 'page\\x0cbreak'"]
+    fs.close()
 
 
 def test_search_cap_and_result_cut(fs):

@@ -3,6 +3,7 @@ limits against a model that never ends a routine, its op set and PLAN's read-onl
 contents of LOG and PLAN in the authors' order, fallbacks and overrides per game, the grouped-op
 and unshown-reads quirks, the map analysis and the action repair, on the real games."""
 import json
+import random
 import re
 
 import pytest
@@ -176,21 +177,73 @@ Dlvl:1 $:0 HP:12(12) Pw:2(2) AC:7 Xp:1/0
 
 
 def test_map_analysis_on_a_hand_made_map():
-    """Player row, neighbours and their classes, the stairs on the map, and the rows that close
-    up (the blank row is left out, so the wall below it is next to the bottom row)."""
+    """Player row, neighbours and their classes in the authors' order (N S E W NE NW SE SW), the
+    stairs on the map, and the rows that close up (the blank row is left out, so the wall below
+    it is next to the bottom row)."""
     assert POLICY["map_analysis"](MAP) == (
         "MAP ANALYSIS (around @):\n"
         "Stairs next to you: < northeast\n"
         "Stairs down on the map: > 2 north, 3 east (distance 3), > 1 south, 6 east (distance 6)\n"
         "Monsters next to you: F north\n"
         "Doors next to you: + east\n"
-        "Danger next to you: ^ southwest, } west\n"
-        "You can move: north, northeast, east, southeast, south, northwest")
+        "Danger next to you: } west, ^ southwest\n"
+        "You can move: north, south, east, northeast, northwest, southeast")
     assert POLICY["map_analysis"]("no map here\nAgent @ home, a line of letters") == ""
     # the blank row is left out: the floor below it counts as next to @
     assert POLICY["map_analysis"]("|.@.|\n\n|...|") == (
-        "MAP ANALYSIS (around @):\nYou can move: east, southeast, south, southwest, west\n"
+        "MAP ANALYSIS (around @):\nYou can move: south, east, west, southeast, southwest\n"
         "Blocked: north, northeast, northwest")
+
+
+@pytest.mark.parametrize("obs,expected", [
+    # tile classes: the boulder ` and 0 are blocked, ~ (an item) is passable
+    ("  `0~\n  .@F\n  }^|", "Monsters next to you: F east\nDanger next to you: ^ south, } southwest\n"
+                            "You can move: east, west, northeast\nBlocked: north, northwest, southeast"),
+    # a dark maze: @ almost alone; its row counts by its right-stripped length (3), leading spaces included
+    (" ##\n  @", "You can move: north, northwest\nBlocked: south, east, west, northeast, southeast, southwest"),
+    # letters over the right-stripped length: 2 of 3 (not a map row) before, 2 of 7 after
+    ("Ab@    \n    Ab@\n    ...", "Monsters next to you: b west\nYou can move: south, west, southwest\n"
+                                 "Blocked: north, east, northeast, northwest, southeast"),
+    # the first 3 > in reading order, not the nearest 3 (the one 2 away is last)
+    (">.......>\n.........\n....@....\n.>.......\n>.....>..",
+     "Stairs down on the map: > 2 north, 4 west (distance 4), > 2 north, 4 east (distance 4), "
+     "> 1 south, 3 west (distance 3)\nYou can move: north, south, east, west, northeast, northwest, southeast, southwest"),
+    # the window: 15 rows above @ to 14 below (the > 15 below is out)
+    ("\n".join([">.."] + ["..."] * 14 + ["..@"] + ["..."] * 13 + ["..>", "..>"]),
+     "Stairs down on the map: > 15 north, 2 west (distance 15), > 14 south (distance 14)\n"
+     "You can move: north, south, west, northwest, southwest\nBlocked: east, northeast, southeast"),
+])
+def test_map_analysis_matches_the_authors_at_the_edges(obs, expected):
+    """automem_reference.md 1.1 (each expected text was checked against the authors' parse_nle_map)."""
+    assert POLICY["map_analysis"](obs) == "MAP ANALYSIS (around @):\n" + expected
+
+
+def authors_find_the_player(text):
+    """The authors' player-row rule (automem_reference.md 1.1): a line with @ whose right-stripped
+    text is at least 3 characters, letters other than @ under half of them."""
+    for line in text.split("\n"):
+        row = line.rstrip()
+        if "@" in line and len(row) >= 3 and sum(c.isalpha() and c != "@" for c in row) / len(row) < 0.5:
+            return True
+    return False
+
+
+def test_map_analysis_shows_on_every_mazewalk_observation_where_the_authors_find_the_player():
+    """A random walk on MazeWalk-9x9 (seeds 42-45, 40 steps each): where @ stands almost alone
+    in the dark, a strip()ped row was too short and the analysis vanished."""
+    seen = 0
+    for seed in (42, 43, 44, 45):
+        env = envs.make_env("minihack", "MiniHack-MazeWalk-9x9-v0", seed=seed)
+        obs, rng = env.reset(seed=seed), random.Random(seed)
+        for _ in range(40):
+            text = f"{obs['long_term_context']}\n{obs['short_term_context']}"
+            if authors_find_the_player(text):
+                seen += 1
+                assert POLICY["map_analysis"](text), text
+            obs, _, done, _ = env.step(rng.choice(env.actions))
+            if done:
+                break
+    assert seen >= 100
 
 
 def test_map_analysis_on_a_real_observation():
@@ -198,7 +251,7 @@ def test_map_analysis_on_a_real_observation():
     text = f"{obs['long_term_context']}\n{obs['short_term_context']}"
     assert POLICY["map_analysis"](text) == ("MAP ANALYSIS (around @):\nDoors next to you: + east\n"
                                             "You can move: north, east, west, northwest\n"
-                                            "Blocked: northeast, southeast, south, southwest")
+                                            "Blocked: south, northeast, southeast, southwest")
 
 
 def test_only_exact_action_names_are_valid(tmp_path):
@@ -212,7 +265,7 @@ def test_only_exact_action_names_are_valid(tmp_path):
 
 @pytest.mark.parametrize("reply,expected", [
     ("Format: <|ACTION|>action name<|END|>. I go <|ACTION|>west<|END|>", "west"),   # a placeholder does not win
-    ("<|ACTION|>west", "west"), ("ACTION: `west`.", "west"), ("**ACTION:** west", "west"),
+    ("ACTION:\nwest", "west"), ("ACTION: `west`.", "west"), ("<|ACTION|>north <|READ|>f<|END|>\nACTION: west", "west"),
     ("<|ACTION|>kick d<|END|>\nACTION: north", "kick"),   # tags first, repaired, as the authors: not north
 ])
 def test_the_committed_action_is_the_first_the_game_accepts_once_repaired(tmp_path, reply, expected):

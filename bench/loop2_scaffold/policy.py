@@ -2,7 +2,6 @@
 what the last action did), PLAN (search the notes, commit one action); in two-model mode the
 specialist consults first and the base model commits after a hand-off, as in v0. Prompts are
 about 200 tokens, so that a LoRA specialist trains on a CPU in minutes."""
-import re
 
 
 def step(ep):
@@ -41,7 +40,7 @@ def plan(ep):
             if turn.error:
                 break
             if turn.action is not None or not memory_ops(turn):
-                routine.rewrite_reply(re.sub(r"<\|ACTION\|>.*?(<\|END\|>|$)", "", turn.text, flags=re.S).strip())
+                routine.rewrite_reply(ep.remove_ops(turn.text, "ACTION"))
                 routine.say(ep.render("handoff", results=turn.results))
                 break
             routine.say(ep.render("plan_continue", results=turn.results))

@@ -7,16 +7,16 @@ action did), PLAN (consult memory read-only, commit one action, repaired).
 LOG and PLAN are fresh conversations each step; PLAN never sees LOG. CHANGES.md lists every
 difference from the authors' code and the quirks kept on purpose.
 """
-import re
 
 NETHACK_LIKE = ("nle", "minihack")
 # commands that ask for an item or a direction next: "eat d" is sent as "eat"
 TWO_STEP = ("open", "close", "kick", "fight", "fire", "zap", "eat", "quaff", "wear", "wield", "read",
             "apply", "puton", "remove", "takeoff", "dip", "rub", "invoke", "quiver", "throw", "offer",
             "drop", "force", "loot", "cast", "pickup")
-MOVES = (("north", -1, 0), ("northeast", -1, 1), ("east", 0, 1), ("southeast", 1, 1),
-         ("south", 1, 0), ("southwest", 1, -1), ("west", 0, -1), ("northwest", -1, -1))
-ITEM_GLYPHS = ")[%?/=!(\"*$`0"
+# the authors' order of examining the neighbours: N S E W NE NW SE SW
+MOVES = (("north", -1, 0), ("south", 1, 0), ("east", 0, 1), ("west", 0, -1),
+         ("northeast", -1, 1), ("northwest", -1, -1), ("southeast", 1, 1), ("southwest", 1, -1))
+ITEM_GLYPHS = "$)[!?/=\"(*%~"
 
 
 def setup(ep):
@@ -153,7 +153,7 @@ def consult(ep, routine):
         if turn.error:
             return
         if turn.actions:   # its reads ran: their results go with the hand-off
-            routine.rewrite_reply(strip_actions(turn.text))
+            routine.rewrite_reply(ep.remove_ops(turn.text, "ACTION"))
             routine.say(ep.render("handoff", results=section(turn.results)).strip())
             return
         if not memory_ops(turn):   # a plain hand-off
@@ -162,15 +162,10 @@ def consult(ep, routine):
         routine.say(ep.render("plan_continue", results=turn.results).strip())
 
 
-def strip_actions(text):
-    tags = r"<\|?\s*ACTION\s*\|?>.*?(?:<\|?\s*(?:/\s*ACTION|END)\s*\|?[>}]|$)"
-    return re.sub(r"(?im)^[ \t*]*ACTION[ \t*]*:.*$", "", re.sub(tags, "", text, flags=re.I | re.S | re.M)).strip()
-
-
 def committed(ep, turn):
-    """The authors read a reply's actions in this order (tags, then `ACTION:` lines) and repaired
-    the one they took; here each is repaired and the first the game accepts wins, else the first
-    (so an echoed placeholder, "action name", does not win over a real action after it)."""
+    """A reply's actions hold the authors' pick first, then the others; each is repaired, and
+    the first the game accepts wins, else the authors' pick (so an echoed placeholder, "action
+    name", does not win over a real action after it)."""
     repaired = [repair(a) for a in turn.actions]
     return next((a for a in repaired if ep.action_name(a) == a), repaired[0])
 
@@ -183,12 +178,15 @@ def repair(action):
 
 # ---------------------------------------------------------------- map analysis -------------
 
-def letter_ratio(line):
-    text = line.strip()
-    return sum(ch.isalpha() for ch in text) / len(text) if text else 0.0
+def letter_ratio(text):
+    """Letters other than @ over the length of `text` (a right-stripped row)."""
+    return sum(ch.isalpha() and ch != "@" for ch in text) / len(text) if text else 0.0
 
 
 def tile_class(ch):
+    """The authors' classes: `>` `<` stairs, `+` door, `-` `|` and space blocked, `}` `^` danger,
+    floor and item glyphs passable, other letters monsters; the rest (the boulders ` and 0
+    too) and off the grid blocked."""
     if ch is None or ch in "-| ":
         return "blocked"
     if ch in "<>":
@@ -209,17 +207,21 @@ def offset(dy, dx):
 
 
 def map_analysis(obs):
-    """What surrounds @, from the text: the player's row is the first line with @ (at least 3
-    characters, under half letters); the non-empty rows within 15 of it with under 55% letters
-    form the grid (rows left out close up); each of the 8 neighbours is classified."""
+    """What surrounds @, from the text, by the authors' rules. The player's row is the first line
+    with @ whose right-stripped text has at least 3 characters, under half of them letters
+    (leading spaces count: in a dark maze @ stands almost alone). Rows from 15 above it to 14
+    below it (Python's range(row - 15, row + 15)) whose right-stripped text is not empty and
+    under 55% letters form the grid, the rows left out closing up; the 8 neighbours are
+    classified; the stairs down on the map are the first 3 `>` in reading order more than a
+    step away."""
     lines = obs.split("\n")
-    row = next((i for i, line in enumerate(lines)
-                if "@" in line and len(line.strip()) >= 3 and letter_ratio(line) < 0.5), None)
+    row = next((i for i, line in enumerate(lines) if "@" in line and len(line.rstrip()) >= 3
+                and letter_ratio(line.rstrip()) < 0.5), None)
     if row is None:
         return ""
-    kept = [i for i in range(max(0, row - 15), min(len(lines), row + 16))
-            if lines[i].strip() and letter_ratio(lines[i]) < 0.55]
-    grid = [lines[i] for i in kept]
+    kept = [i for i in range(max(0, row - 15), min(len(lines), row + 15))
+            if lines[i].rstrip() and letter_ratio(lines[i].rstrip()) < 0.55]
+    grid = [lines[i].rstrip() for i in kept]
     r, c = kept.index(row), lines[row].index("@")
     found = {"stairs": [], "monster": [], "door": [], "danger": [], "move": [], "blocked": []}
     for name, dy, dx in MOVES:
@@ -230,8 +232,8 @@ def map_analysis(obs):
             found[kind].append(f"{ch} {name}")
         if kind != "danger":
             found["blocked" if kind == "blocked" else "move"].append(name)
-    far = sorted((max(abs(y - r), abs(x - c)), y - r, x - c) for y, line in enumerate(grid)
-                 for x, ch in enumerate(line) if ch == ">" and max(abs(y - r), abs(x - c)) > 1)
+    far = [(max(abs(y - r), abs(x - c)), y - r, x - c) for y, line in enumerate(grid)
+           for x, ch in enumerate(line) if ch == ">" and max(abs(y - r), abs(x - c)) > 1]
     sections = [("Stairs next to you", found["stairs"]),
                 ("Stairs down on the map", [f"> {offset(dy, dx)} (distance {d})" for d, dy, dx in far[:3]]),
                 ("Monsters next to you", found["monster"]), ("Doors next to you", found["door"]),
