@@ -964,10 +964,8 @@ def server_said(e):
     it in `detail`), or the connection's failure with its cause."""
     import openai
     if isinstance(e, openai.APIStatusError):
-        body = e.body if isinstance(e.body, dict) else {}
-        error = body.get("error", body)
-        said = (error.get("message") or error.get("detail") if isinstance(error, dict) else error) or e.response.text
-        text = " ".join(str(said).split())
+        said = e.body.get("message") or e.body.get("detail") if isinstance(e.body, dict) else e.body  # its "error" part
+        text = " ".join((said if isinstance(said, str) and said.strip() else e.response.text).split())
         return f"HTTP {e.status_code}: {text[:500]}"
     cause = e.__cause__ or e.__context__
     return one_line(e) + (f" ({one_line(cause)})" if isinstance(e, openai.APIConnectionError) and cause else "")
