@@ -862,6 +862,7 @@ def opening_problem(messages, tools, context, source, reply_tokens):
 
 
 def propose(args):
+    deadline = time.time() + args.max_wall
     parent = agent_mod.load_scaffold(args.scaffold)
     run = Path(args.run)
     games = sorted({(e, t) for e, t, _ in ev.planned_episodes(settings(run))})
@@ -891,7 +892,7 @@ def propose(args):
     budget = {"tool_calls": args.max_tool_calls, "tokens": args.max_tokens, "reply_tokens": args.meta_max_tokens,
               "context_chars": (context - args.meta_max_tokens) * CHARS_PER_TOKEN
                                - len(json.dumps(ws.tools, ensure_ascii=False)),
-              "deadline": time.time() + args.max_wall}
+              "deadline": deadline}
     record = log and args.iteration is not None
     slot = {"iteration": args.iteration, "attempt": args.attempt, "parent": str(parent.path.resolve()),
             "candidate": str(out)}

@@ -387,7 +387,13 @@ def test_an_unparseable_judge_reply_is_asked_again_and_undecided_items_fail_the_
             "--max-undecided-pct 10); last problem: ValueError: no JSON object in the reply. Nothing written")
         assert not (tmp_path / "never").exists()
         r = run_py(ROOT / "curate_sft.py", *args, "--out", tmp_path / "some", "--max-undecided-pct", "100")
-    assert r.returncode == 0, r.stderr[-2000:]
+        assert r.returncode == 0, r.stderr[-2000:]
+        r = run_py(ROOT / "curate_sft.py", "iterate", *args[:-2], "--out", tmp_path / "iter1", "--max-undecided-pct", "100",
+                   "--ledger", tmp_path / "ledger.jsonl")     # the engine's decision falls back to the heuristic
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+            f"curate_sft.py: the data in {tmp_path / 'iter1'} holds no example (selection_stats.json says why each "
+            "candidate was dropped): no recipe written")
+        assert not list((tmp_path / "iter1").glob("recipe_*.json"))
     stats = json.loads((tmp_path / "some/selection_stats.json").read_text())
     assert stats["undecided"] == 45 and stats["kept"] == 0
     decisions = [json.loads(x) for x in (tmp_path / "some/review_decisions.jsonl").read_text().splitlines()]
