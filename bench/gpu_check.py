@@ -173,7 +173,8 @@ def plan_32b(args, out):
         backend = agent.HFBackend(str(path), max_new_tokens=args.max_new_tokens, batch_tokens=budget, seed=0)
     prompt = envs.make_env("crafter", seed=0).reset()["text"] * 3
     requests = [agent.Request([{"role": "user", "content": f"{i}: {prompt}"}]) for i in range(8)]
-    lengths = [len(backend.tok.apply_chat_template(r.messages, add_generation_prompt=True)) for r in requests]
+    lengths = [len(backend.tok(backend.tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False),
+                               add_special_tokens=False)["input_ids"]) for r in requests]
     t0 = time.time()
     replies = backend.generate(requests)
     seconds = time.time() - t0
@@ -274,9 +275,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for the logs, results.json and table.md")
     p.add_argument("--cpu", action="store_true", help="no GPU: every step a CPU can run, at toy sizes")
-    p.add_argument("--steps", type=int, default=3, help="game steps per episode")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None, help="game steps per episode (default 3, 1 with --cpu)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="per reply (default 32, 8 with --cpu)")
     args = p.parse_args(argv)
+    args.steps = args.steps or (1 if args.cpu else 3)
+    args.max_new_tokens = args.max_new_tokens or (8 if args.cpu else 32)
     if not args.cpu and not torch.cuda.is_available():
         p.exit(2, "gpu_check.py: error: no CUDA GPU here; run with --cpu for the steps a CPU can run\n")
     out = Path(args.out).resolve()

@@ -370,12 +370,14 @@ class Scaffold:
     def ops(self, routine):
         return self.config["ops"][routine]
 
-    def memory_folders(self, env_name):
-        """The folders of a game's initial memory files (scaffold.json: a folder or a list)."""
-        return [self.path / f for f in _listed(self.config["initial_files"].get(env_name, []))]
+    def memory_folders(self, env_name, task=None):
+        """The folders of a task's initial memory files (scaffold.json: a folder or a list, under
+        the task's name, else the game's)."""
+        by_key = self.config["initial_files"]
+        return [self.path / f for f in _listed(by_key[task] if task in by_key else by_key.get(env_name, []))]
 
-    def initial_files(self, env_name):
-        return {p.name: p.read_text() for folder in self.memory_folders(env_name)
+    def initial_files(self, env_name, task=None):
+        return {p.name: p.read_text() for folder in self.memory_folders(env_name, task)
                 for p in sorted(folder.iterdir()) if p.is_file()}
 
     def content_hash(self):

@@ -7,12 +7,18 @@ action did), PLAN (consult memory read-only, commit one action, repaired).
 LOG and PLAN are fresh conversations each step; PLAN never sees LOG. CHANGES.md lists every
 difference from the authors' code and the quirks kept on purpose.
 """
+import re
 
 NETHACK_LIKE = ("nle", "minihack")
 # commands that ask for an item or a direction next: "eat d" is sent as "eat"
 TWO_STEP = ("open", "close", "kick", "fight", "fire", "zap", "eat", "quaff", "wear", "wield", "read",
             "apply", "puton", "remove", "takeoff", "dip", "rub", "invoke", "quiver", "throw", "offer",
             "drop", "force", "loot", "cast", "pickup")
+# BALROG's words -> the authors' (the order matters: "very near" before "near")
+DISTANCE_WORDS = ((r"\bvery far\b", "9+ steps away"), (r"\bvery near\b", "2 steps away"),
+                  (r"\bfar\b", "5-8 steps away"), (r"\bnear\b", "3-4 steps away"),
+                  (r"\badjacent\b", "1 step away (directly reachable)"))
+BETWEEN = r"\b(north|south|east|west)((?:north|south)(?:east|west))\b"   # eastnortheast
 # the authors' order of examining the neighbours: N S E W NE NW SE SW
 MOVES = (("north", -1, 0), ("south", 1, 0), ("east", 0, 1), ("west", 0, -1),
          ("northeast", -1, 1), ("northwest", -1, -1), ("southeast", 1, 1), ("southwest", 1, -1))
@@ -48,12 +54,22 @@ def previous_valid(ep):
     return ep.previous_action["valid"]
 
 
+def authors_text(ep, text):
+    """NetHack / MiniHack text as the authors' environment wrapper handed it to every agent of
+    theirs: BALROG's distance words as step counts, and 16-point compass words spelled out."""
+    if ep.env not in NETHACK_LIKE:
+        return text
+    for word, steps in DISTANCE_WORDS:
+        text = re.sub(word, steps, text)
+    return re.sub(BETWEEN, r"between \1 and \2", text)
+
+
 def observation(ep):
     obs = ep.observation
-    long_term = obs["long_term"]
+    long_term = authors_text(ep, obs["long_term"])
     if ep.step > 0 and not previous_valid(ep):
         long_term = ep.render("invalid_feedback", executed=ep.previous_action["executed"]) + long_term
-    return long_term + "\n" + obs["short_term"]
+    return long_term + "\n" + authors_text(ep, obs["short_term"])
 
 
 def unchanged_note(ep):
