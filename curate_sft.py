@@ -41,6 +41,7 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
+import agent as agent_mod
 import eval as ev
 from memory_fs import ARITY, cut_after_last_terminator, parse_ops
 

@@ -68,7 +68,7 @@ def v0_run(tmp_path_factory, served):
 
 
 def test_two_eval_steps_with_v0(v0_run):
-    records = ev.read_trace(v0_run / "crafter/default/ep_1.jsonl")
+    records = ev.read_trace(ev.episode_paths(v0_run, "crafter", "default", 1)[0])
     assert [r["step"] for r in records] == [0, 1]
     turns = [t for r in records for _, routine in ev.routines(r) for t in routine["turns"]]
     assert len(turns) == 3 and all(t["error"] is None and t["response"] and 0 < t["completion_tokens"] <= 8
