@@ -400,6 +400,14 @@ def test_an_unparseable_judge_reply_is_asked_again_and_undecided_items_fail_the_
     assert len(undecided) == 45 and all(d["judge"] is None for d in undecided)
 
 
+def test_the_meta_llm_client_of_both_loops_sends_its_own_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-agent")
+    monkeypatch.setenv("META_API_KEY", "sk-meta")
+    assert agent.meta_client("http://127.0.0.1:9/v1").api_key == "sk-meta"
+    monkeypatch.delenv("META_API_KEY")
+    assert agent.meta_client("http://127.0.0.1:9/v1").api_key == "EMPTY"
+
+
 def test_a_failing_meta_endpoint_ends_curation_and_the_engine_in_one_line(tmp_path, scripted_run):
     """Stopped, serving another model, or failing after the client's retries: exit 3, one line
     naming the endpoint, the model and the server's words; nothing written, no fallback."""
