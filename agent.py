@@ -52,12 +52,13 @@ from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from envs import PROTOCOL
 from memory_fs import ALL_OPS, MemoryFS, MemoryRefused, remove_ops
 from scaffolds import SCAFFOLDS, PolicyError, ScaffoldError, load_scaffold  # noqa: F401  (agent.load_scaffold is the entry point)
 
 ROOT = Path(__file__).resolve().parent
 AGENTS = ("memory", "naive", "cot", "robust_naive", "robust_cot")
-PAPER_MODEL = "Qwen/Qwen2.5-32B-Instruct"
+PAPER_MODEL = PROTOCOL["model"]
 
 
 # ---------------------------------------------------------------------------------------------

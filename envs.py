@@ -41,8 +41,10 @@ NLE_TASKS = ("NetHackChallenge-v0",)
 TASKS = {"crafter": CRAFTER_TASKS, "minihack": MINIHACK_TASKS, "nle": NLE_TASKS}
 # BALROG's step limits (env.max_steps); NetHack also ends after NO_PROGRESS_TIMEOUT steps in a row
 # without in-game time passing (BALROG's and the authors' no_progress_timeout), counted in NLEEnv.step
-MAX_STEPS = {"crafter": 2000, "minihack": 100, "nle": 100_000}
-NO_PROGRESS_TIMEOUT = 150
+# The paper's protocol in one place (data/protocol.json): step limits here, the rest in eval.py.
+PROTOCOL = json.loads((DATA_DIR / "protocol.json").read_text())
+MAX_STEPS = {game: p["max_steps"] for game, p in PROTOCOL["games"].items()}
+NO_PROGRESS_TIMEOUT = PROTOCOL["games"]["nle"]["no_progress_timeout"]
 NLE_BL_TIME = 20    # nle.nethack.NLE_BL_TIME: the in-game turn counter in blstats
 
 

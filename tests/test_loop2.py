@@ -144,6 +144,18 @@ def test_curation_refuses_report_seed_episodes(tmp_path, capsys):
     assert cs.held_out_problem([run], {"report": [1, 2]}) is None
 
 
+def test_help_lists_every_subcommand_and_curate_is_the_default(capsys):
+    with pytest.raises(SystemExit) as shown:
+        cs.main(["--help"])
+    listed = re.findall(r"^    (\S+) ", capsys.readouterr().out.split("\nsubcommands (")[1], re.M)
+    assert shown.value.code == 0 and listed == list(cs.COMMANDS) and "check-seeds" in listed
+    parse = cs.build_parser().parse_args
+    assert parse(["--run", "r", "--out", "o"]) == parse(["curate", "--run", "r", "--out", "o"])
+    with pytest.raises(SystemExit) as refused:
+        cs.main(["--out", "o"])
+    assert refused.value.code == 2 and capsys.readouterr().err == "curate_sft.py curate: error: give at least one --run\n"
+
+
 def check_seeds(capsys, *args):
     """curate_sft.py check-seeds: (exit status, stderr)."""
     try:
@@ -414,15 +426,15 @@ def test_a_failing_meta_endpoint_ends_curation_and_the_engine_in_one_line(tmp_pa
     base = ["--run", scripted_run, "--scaffold", "v0", "--out", tmp_path / "sft"]
     r = run_py(ROOT / "curate_sft.py", *base, "--meta-base-url", "http://127.0.0.1:9/v1", "--meta-model", "m")
     assert r.returncode == 3 and r.stderr.strip().startswith(
-        "curate_sft.py: error: the meta-LLM m: cannot reach http://127.0.0.1:9/v1 (APIConnectionError: ")
+        "curate_sft.py curate: the meta-LLM m: cannot reach http://127.0.0.1:9/v1 (APIConnectionError: ")
     with ScriptedServer(lambda body: "http_503", models=("meta",)) as server:
         r = run_py(ROOT / "curate_sft.py", *base, "--meta-base-url", server.url, "--meta-model", "judge")
-        assert r.returncode == 3 and r.stderr == (f"curate_sft.py: error: the meta-LLM judge: {server.url} does not "
-                                                  "serve judge (it serves: meta); check --meta-model\n")
+        assert r.returncode == 3 and r.stderr == (f"curate_sft.py curate: the meta-LLM judge: {server.url} does not "
+                                                  "serve judge (it serves: meta); check --meta-model; nothing more written\n")
         r = run_py(ROOT / "curate_sft.py", "iterate", *base, "--meta-base-url", server.url, "--meta-model", "meta",
                    "--ledger", tmp_path / "ledger.jsonl", "--judge", "heuristic")
         assert len(server.requests) == 4          # the decision, tried again 3 times by the client
-    assert r.returncode == 3 and r.stderr == (f"curate_sft.py: the meta-LLM meta at {server.url} failed: HTTP 503: "
+    assert r.returncode == 3 and r.stderr == (f"curate_sft.py iterate: the meta-LLM meta at {server.url} failed: HTTP 503: "
                                               "scripted failure 503; nothing more written\n")
     assert not (tmp_path / "sft").exists()
 

@@ -100,9 +100,9 @@ def test_curation_with_the_llm_judge_fails_in_the_servers_words(tmp_path, served
             "--judge", "llm", "--meta-base-url", url]
     r = run_py(*args, "--meta-model", model)
     assert r.returncode == 3 and re.fullmatch(
-        rf"curate_sft.py: the meta-LLM {re.escape(model)} at {url} failed: HTTP 400: The prompt has \d+ tokens, but "
+        rf"curate_sft.py curate: the meta-LLM {re.escape(model)} at {url} failed: HTTP 400: The prompt has \d+ tokens, but "
         r"the model takes at most 8192, prompt and answer \(`--max-model-len`\).; nothing more written\n", r.stderr)
     r = run_py(*args, "--meta-model", "smollm2")
-    assert r.returncode == 3 and r.stderr == (f"curate_sft.py: error: the meta-LLM smollm2: {url} does not serve "
-                                              f"smollm2 (it serves: {model}); check --meta-model\n")
+    assert r.returncode == 3 and r.stderr == (f"curate_sft.py curate: the meta-LLM smollm2: {url} does not serve "
+                                              f"smollm2 (it serves: {model}); check --meta-model; nothing more written\n")
     assert not (tmp_path / "sft").exists()
