@@ -197,23 +197,11 @@ def unfinished_reason(run, env_name, task, seed):
     return path.read_text().split("\n", 1)[0] if path.exists() else "not run yet, or still running"
 
 
-PLAN_KEYS = ("tasks", "seeds", "seeds_by_env")   # what planned_episodes reads
-
-
-def same_plan(a, b):
-    """Whether two configs plan the same episodes (a config written before `seeds_by_env` still
-    matches a new one of the same plan)."""
-    return set(planned_episodes(a)) == set(planned_episodes(b))
-
-
 def planned_episodes(config):
     """(env, task, seed) of every episode a run's config asks for. A game's seeds are its own
-    (`--env all` on the paper's seeds: Crafter 42-51, the others 42-46); configs written before
-    `seeds_by_env` give every game all the run's seeds."""
+    (`--env all` on the paper's seeds: Crafter 42-51, the others 42-46)."""
     by_task = {t: e for e in envs.ENVS for t in envs.TASKS[e]}
-    seeds = config.get("seeds_by_env", {})
-    return [(by_task[t], t, s) for t in config.get("tasks", [])
-            for s in seeds.get(by_task[t], config.get("seeds", []))]
+    return [(by_task[t], t, s) for t in config.get("tasks", []) for s in config["seeds_by_env"][by_task[t]]]
 
 
 def finished_episodes(run):
@@ -1100,7 +1088,7 @@ def prepare_run(args, scaffold, jobs, shared):
             raise UsageError(f"{out} already holds a run: pass --resume to continue it, or another --out")
         prev = json.loads(old.read_text())
         # processes of one run must also plan the same episodes, or their shares would not add up
-        keys = RESUME_KEYS + (PLAN_KEYS if shared and not same_plan(prev, config) else ())
+        keys = RESUME_KEYS + (("tasks", "seeds", "seeds_by_env") if shared else ())
         if config["agent"] != "memory":   # BALROG's agents use no scaffold: a changed one changes nothing
             keys = tuple(k for k in keys if k != "scaffold_hash")
         changed = [k for k in keys if prev.get(k) != config.get(k)]

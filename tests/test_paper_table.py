@@ -1,7 +1,6 @@
 """scripts/paper_table.sh and eval.py table: every row of the paper's table on tiny-random over the
 real games, a rerun after a kill that redoes no finished episode, and the table's rows, numbers and
 projections from hand-made summaries."""
-import json
 import os
 import signal
 import subprocess
