@@ -785,7 +785,7 @@ def table_markdown(summaries):
     for name, cells in rows.items():
         row_models = sorted({str(s.get("model")) + (f" + specialist {s['specialist']}" if s.get("specialist") else "")
                              for s in cells.values()})
-        texts = []
+        texts, off = [], False
         for g in games:
             if g not in cells:
                 texts.append("-")
@@ -793,9 +793,11 @@ def table_markdown(summaries):
             differences = off_protocol(cells[g], g)
             if differences:
                 flagged.setdefault(f"{g}: {differences}", []).append(name)
+                off = True
             texts.append(_pct(cells[g]["envs"][g]["progression_pct"]) + " †" * bool(differences))
         whole = overall([cells[g]["envs"][g]["progression_pct"] for g in games]) if set(games) <= set(cells) else None
-        lines.append(f"| **{name}** | {', '.join(row_models)} | " + " | ".join(texts) + f" | {_pct(whole) if whole else '-'} |")
+        texts.append(_pct(whole) + " †" * off if whole else "-")   # an overall of an off-protocol cell is off it too
+        lines.append(f"| **{name}** | {', '.join(row_models)} | " + " | ".join(texts) + " |")
         paper = next((r for r in ref if r["agent"] == PAPER_ROWS.get(name)), None)
         if paper:
             lines.append(f"| paper: {paper['agent']} | {agent_mod.PAPER_MODEL} | "
