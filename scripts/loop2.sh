@@ -58,7 +58,8 @@ launch() {  # launch LAUNCHER SCRIPT ARGS...: accelerate launch and torchrun tak
   if [ -n "$how" ]; then $how "$@"; else "$PYTHON" "$@"; fi
 }
 
-evaluate() {  # evaluate <out> <seeds> [specialist adapter]
+evaluate() (  # evaluate <out> <seeds> [specialist adapter]; the meta-LLM's key is not the agent's business
+  unset META_API_KEY
   local args=(--env "$ENV_NAME" --scaffold "$SCAFFOLD" --model "$MODEL" --concurrency "$CONCURRENCY"
               --out "$1" --resume)
   [ -n "$2" ] && args+=(--seeds "$2")
@@ -82,7 +83,7 @@ evaluate() {  # evaluate <out> <seeds> [specialist adapter]
     fi
     "$PYTHON" eval.py "${args[@]}" --base-url "$BASE_URL"
   fi
-}
+)
 
 if [ -z "$META_BASE_URL" ] && [ "$ITERATIONS" -gt 2 ]; then
   echo "loop2.sh: ITERATIONS=$ITERATIONS needs a meta-LLM (META_BASE_URL): the heuristic training" \

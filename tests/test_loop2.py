@@ -186,6 +186,23 @@ def test_check_seeds_refuses_overlaps_and_held_out_episodes(tmp_path, capsys, sc
     assert not (tmp_path / "runs").exists()
 
 
+def test_loop2_keeps_the_meta_key_from_the_agents_evaluations(tmp_path):
+    """The scaffold's code runs in eval.py: META_API_KEY (the meta-LLM's, for curation) is not in
+    its environment, on HF and on a server. PYTHON records what eval.py would get, then stops."""
+    seen = tmp_path / "seen"
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nif [ "$1" = eval.py ]; then echo "${{META_API_KEY-unset}}" >> {seen}; exit 1; fi\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    for base_url in ("", "http://127.0.0.1:9/v1"):
+        env = dict(os.environ, TRAIN_SEEDS="1000", VAL_SEEDS="1001", META_API_KEY="sk-meta", PYTHON=str(python),
+                   BASE_URL=base_url, RUNS=str(tmp_path / "runs"), SFT=str(tmp_path / "sft"),
+                   ADAPTERS=str(tmp_path / "adapters"))
+        r = subprocess.run(["bash", str(ROOT / "scripts/loop2.sh")], capture_output=True, text=True, env=env)
+        assert r.returncode == 1, r.stderr
+    assert seen.read_text() == "unset\nunset\n"
+
+
 # ---------------------------------------------------------------- ops a scaffold adds ----------
 
 def test_ops_a_scaffold_adds_count_by_kind(tmp_path):
