@@ -887,12 +887,14 @@ def propose(args):
     out = (Path(args.out) if args.out else agent_mod.SCAFFOLDS / next_version()).resolve()
     staging = out.with_name(out.name + STAGING)
     client = agent_mod.meta_client(args.meta_base_url, max_retries=0)   # meta_request retries
-    try:
-        agent_mod.require_models(client, args.meta_base_url, [args.meta_model], "--meta-model", key_var="META_API_KEY")
+    try:   # the checks too end by --max-wall
+        agent_mod.require_models(client, args.meta_base_url, [args.meta_model], "--meta-model",
+                                 min(60, deadline - time.time()), key_var="META_API_KEY")
     except agent_mod.EndpointError as e:
         print(f"meta_scaffold.py: the meta-LLM {args.meta_model}: {e}; nothing recorded", file=sys.stderr)
         return 3
-    context = context_length(client, args.meta_model)
+    left = agent_mod.request_timeout(max(deadline - time.time(), 0.1))
+    context = context_length(client.with_options(timeout=left), args.meta_model)
     source = "as the server reports it" if context else "--context-tokens"
     context = context or args.context_tokens
     log = Path(args.log).resolve() if args.log else None

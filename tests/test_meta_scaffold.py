@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -277,6 +278,22 @@ def test_max_wall_bounds_every_request_and_the_whole_proposal(tmp_path, base_run
         "meta_scaffold.py: no valid revision after 1 validation round(s): --max-wall 4 s ran out before a valid revision")
     assert took < 40, took     # the process's start and imports, and 4 s
     assert not (tmp_path / "v1.staging").exists()
+
+
+def test_max_wall_bounds_the_endpoint_check_too(tmp_path, base_run):
+    """An endpoint that takes connections and never answers, under --max-wall 4: the model check
+    gives up with the time (it allowed itself 60 s), one line, nothing recorded."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        t0 = time.time()
+        r = subprocess.run([sys.executable, str(ROOT / "meta_scaffold.py"), "propose", "--scaffold", "v0", "--run",
+                            str(base_run), "--out", str(tmp_path / "v1"), "--meta-base-url",
+                            f"http://127.0.0.1:{silent.getsockname()[1]}/v1", "--meta-model", "m", "--max-wall", "4"],
+                           capture_output=True, text=True, timeout=120)
+        took = time.time() - t0
+    assert r.returncode == 3 and one_error_line(r).endswith("(APITimeoutError: Request timed out. (ReadTimeout: timed "
+                                                            "out)); nothing recorded")
+    assert took < 40, took     # the process's start and imports, and 4 s
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_stopped_proposal_leaves_no_staging_and_a_staging_folder_is_no_scaffold(tmp_path, base_run):
