@@ -427,8 +427,9 @@ def llm_judge(items, client, model, max_undecided_pct=10):
         for _ in range(2):
             try:
                 obj = ask_json(client, model, judge_prompt(chunk))
-                got.update({str(d["id"]): d for d in obj.get("decisions", []) if isinstance(d, dict) and "id" in d})
-            except (ValueError, AttributeError) as e:
+                got.update({str(d["id"]): d for d in obj.get("decisions", [])   # "keep": "no" is no decision
+                            if isinstance(d, dict) and "id" in d and isinstance(d.get("keep"), bool)})
+            except (ValueError, AttributeError, TypeError) as e:    # TypeError: "decisions": null
                 error = f"{type(e).__name__}: {e}"
             if all(c["id"] in got for c in chunk):
                 break

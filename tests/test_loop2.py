@@ -429,6 +429,22 @@ def test_an_unparseable_judge_reply_is_asked_again_and_undecided_items_fail_the_
     assert len(undecided) == 45 and all(d["judge"] is None for d in undecided)
 
 
+def test_a_judge_reply_of_the_wrong_shape_is_no_decision(tmp_path, scripted_run):
+    """"decisions": null is asked again (it was a traceback); "keep": "no" (a string, true to
+    bool()) decides nothing, so it is neither kept nor cached as judged."""
+    replies = [json.dumps({"decisions": None})]
+
+    def judge(body):
+        return replies.pop(0) if replies else json.dumps({"decisions": [
+            {"id": i, "keep": "no" if n == 0 else True, "reason": "scripted"} for n, i in enumerate(judge_ids(body))]})
+    with ScriptedServer(judge) as server:
+        assert cs.main(["--run", str(scripted_run), "--scaffold", "v0", "--meta-base-url", server.url, "--meta-model",
+                        "scripted", "--min-examples", "1", "--out", str(tmp_path / "sft")]) == 0
+        assert [len(judge_ids(b)) for b in server.requests if b.get("messages")] == [38, 38, 7, 7]   # each batch asked twice
+    stats = json.loads((tmp_path / "sft/selection_stats.json").read_text())
+    assert stats["undecided"] == 2 and stats["kept"] == 43
+
+
 def test_the_meta_llm_client_of_both_loops_sends_its_own_key(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-agent")
     monkeypatch.setenv("META_API_KEY", "sk-meta")
