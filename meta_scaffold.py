@@ -45,7 +45,7 @@ import eval as ev
 
 ROOT = Path(__file__).resolve().parent
 CODE_FILES = ("agent.py", "memory_fs.py", "envs.py", "eval.py", "README.md")
-CODE_ENTRIES = (*CODE_FILES, "scaffolds", "scripts", "tests")      # all that code/ shows
+CODE_ENTRIES = (*CODE_FILES, "docs", "scaffolds", "scripts", "tests")      # all that code/ shows
 RESULT_CHARS = 16_000        # any tool result is cut here, with a note of what was cut
 FIELD_CHARS = 3_000          # one field of one trace step, when a step is shown whole
 LINE_CHARS = 2_000           # read_file cuts longer lines (trace lines: read_steps)
@@ -90,16 +90,8 @@ PYTHON_TOOL = _tool(
     "`import eval; eval.read_trace(path)` parses a trace into step records.", {"code": _S}, ["code"])
 
 
-def readme_section(title):
-    """A `## title` section of README.md, up to the next `## ` heading."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index(f"## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end > 0 else None].strip()
-
-
-# How a scaffold is written: the README's section, so the meta-LLM reads what users read.
-SCAFFOLD_API = readme_section("Writing a scaffold")
+# How a scaffold is written: scaffolds/README.md whole, so the meta-LLM reads what users read.
+SCAFFOLD_API = (agent_mod.SCAFFOLDS / "README.md").read_text().strip()
 
 META_SYSTEM = """You improve the scaffold of an LLM game agent whose memory is a folder of files.
 Each step the agent runs LOG (it records what its previous action did, with memory ops) and PLAN
@@ -198,7 +190,7 @@ class Workspace:
         if real != root and root not in real.parents:
             raise ToolError(f"refused {path!r}: outside {head}/")
         if head == "code" and Path(rest).parts and Path(rest).parts[0] not in CODE_ENTRIES:
-            raise ToolError(f"refused {path!r}: code/ shows {', '.join(CODE_FILES)}, scaffolds/, scripts/, tests/")
+            raise ToolError(f"refused {path!r}: code/ shows {', '.join(CODE_FILES)}, docs/, scaffolds/, scripts/, tests/")
         return real
 
     def files(self, path):

@@ -2,7 +2,7 @@
 
 A scaffold is scaffold.json (data its policy reads: ops per routine, limits, fallbacks, initial
 memory files), prompts/*.txt (templates with {fields}), policy.py (the step, as plain Python
-against agent.py's episode API: README.md, "Writing a scaffold"), memory/ and CHANGES.md.
+against agent.py's episode API: scaffolds/README.md), memory/ and CHANGES.md.
 policy.py is written by an LLM in loop #1, so it is checked before it runs (`check_policy`: a
 message names the file and line of the first problem), by allowlists (modules and their members,
 builtins, attribute names) rather than by blocking names, and runs with its own builtins and

@@ -720,6 +720,7 @@ def test_listing_and_grep_see_only_the_allowlist_and_follow_no_link(tmp_path, ba
     ws = ms.Workspace(run, V0, tmp_path / "new")
     listing = ws.call("list_files", {"path": "code"}).splitlines()
     assert "agent.py" in listing and "README.md" in listing and "meta_scaffold.py" not in listing
+    assert "scaffolds/README.md" in listing and "docs/loop1.md" in listing
     assert not any(f.startswith((".git/", ".ci/", "runs/")) for f in listing)
     assert all(f in ms.CODE_FILES or f.split("/")[0] in ms.CODE_ENTRIES for f in listing)
     hits = ws.call("grep", {"pattern": "def keyless", "path": "code"})

@@ -453,9 +453,11 @@ def test_a_scaffolds_files_are_its_own(tmp_path):
 
 
 def test_the_readme_example_runs(tmp_path):
-    """README.md's "Writing a scaffold" example, as written, loads and plays."""
+    """scaffolds/README.md's example, as written (and as the meta-LLM reads it), loads and plays."""
     import meta_scaffold
-    example = re.search(r"```python\n(.*?)```", meta_scaffold.SCAFFOLD_API, re.S).group(1)
+    api = (scaffolds.SCAFFOLDS / "README.md").read_text().strip()
+    assert api.startswith("# Writing a scaffold") and api in meta_scaffold.META_SYSTEM
+    example = re.search(r"```python\n(.*?)```", api, re.S).group(1)
     d = mini(tmp_path, example, ops={"plan": ["READ", "SEARCH", "ACTION"]},
              prompts={"plan": "{observation}\nMemory: {files}\nAct: <|ACTION|>name<|END|>"})
     answers = iter(["<|SEARCH|>notes.txt|tree<|END|>", "<|ACTION|>go Move West<|END|>"] * 2)
