@@ -87,15 +87,6 @@ class Reply:
     server_down: str = None
 
 
-def turn_messages(turns, k):
-    """The full input of turn k of a routine, from the compact form stored in traces: a turn
-    holds its messages, or only what was added after the previous reply."""
-    if "messages" in turns[k]:
-        return list(turns[k]["messages"])
-    prev = turn_messages(turns, k - 1)
-    return prev + [{"role": "assistant", "content": turns[k - 1]["response"]}] + turns[k]["added"]
-
-
 def traced(reply):
     """What a trace keeps of a reply, beside the turn's input and ops."""
     return {"response": reply.text, "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
@@ -129,12 +120,17 @@ class Routine:
         self._agent, self._name, self._ops = agent, name, tuple(ops)
         self._order = list(order or ())
         self._messages = [{"role": "system", "content": str(system)}] if system else []
-        self._sent = None   # messages sent at the last turn; None: the next turn stores all of them
-        self._record = {"turns": [], "ended": None}
+        self._turns, self._ended = [], None
 
     @property
     def messages(self):
         return [dict(m) for m in self._messages]
+
+    def _trace(self):
+        """The routine in the step's trace line: its conversation stored once, as the step left it
+        (a rewritten reply as rewritten), and per turn its input (the first `input_messages`
+        messages), role, raw reply and ops."""
+        return {"messages": self.messages, "turns": self._turns, "ended": self._ended}
 
     def _live(self, what):
         """A routine serves the step that opened it, not a later one (its trace line is written)."""
@@ -148,17 +144,16 @@ class Routine:
 
     def rewrite_reply(self, text):
         """Replace the model's last reply in the conversation (e.g. strip an ACTION the next model
-        must not see); the trace keeps what was said, and the next turn's whole input."""
+        must not see); the trace keeps the reply as the model wrote it in its turn."""
         self._live("rewrite_reply")
         if not self._messages or self._messages[-1]["role"] != "assistant":
             raise PolicyError("rewrite_reply: the conversation does not end with a reply")
         self._messages[-1] = {"role": "assistant", "content": str(text)}
-        self._sent = None
 
     def end(self, reason):
         """How the routine ended, for the trace (e.g. "done", "turn_limit", "backend_error")."""
         self._live("end")
-        self._record["ended"] = str(reason)
+        self._ended = str(reason)
 
     def ask(self, role="base"):
         """Generator (`turn = yield from routine.ask(role)`): the model's next turn, its ops run.
@@ -175,10 +170,8 @@ class Routine:
             raise PolicyError(f"routine {self._name}: say something before asking the model")
         if agent._phase != "write" and any(agent.fs.kind(o) == "write" for o in self._ops):
             raise PolicyError(f"routine {self._name} may write, but the step's action is being decided")
-        entry = {"messages": self.messages} if self._sent is None else {"added": self.messages[self._sent + 1:]}
-        entry["role"] = role
-        self._record["turns"].append(entry)
-        self._sent = len(self._messages)
+        entry = {"role": role, "input_messages": len(self._messages)}
+        self._turns.append(entry)
         request = Request(self.messages, role)
         agent._pending = (request, entry, Request(self.messages, role))  # the policy's copy, the trace's, the model's
         reply = yield request
@@ -188,9 +181,7 @@ class Routine:
         agent._answer = None
         turn = agent._run_turn(self._name, self._ops, self._order, reply)
         entry["ops"] = copy.deepcopy(turn.ops)
-        if reply.error:
-            self._sent = None    # no reply joins the conversation
-        else:
+        if not reply.error:
             self._messages.append({"role": "assistant", "content": reply.text})
         return turn
 
@@ -361,7 +352,7 @@ class PolicyAgent:
             raise PolicyError(f"step returned a {type(out).__name__}: it returns the action (a str) or None")
         printed = "".join(self._printed)
         self._printed.clear()
-        return {"routines": {n: r._record for n, r in self._routines.items()}, "action": out, "printed": printed}
+        return {"routines": {n: r._trace() for n, r in self._routines.items()}, "action": out, "printed": printed}
 
     def observe(self, action_record):
         """After the game answered: the step's action record; the observation it was chosen on
@@ -544,8 +535,10 @@ class BalrogAgent:
                 self.prompt.reasoning = text
             self.output = action = balrog_output(self.name, text)
             ended = "action" if action else "no_action"
-        turn = {"messages": messages, "role": "base", **traced(reply), "ops": []}
-        return {"routines": {"plan": {"turns": [turn], "ended": ended}}, "action": action}
+        turn = {"role": "base", "input_messages": len(messages), **traced(reply), "ops": []}
+        replied = [] if reply.error else [{"role": "assistant", "content": reply.text}]
+        return {"routines": {"plan": {"messages": messages + replied, "turns": [turn], "ended": ended}},
+                "action": action}
 
     def observe(self, record):
         self.feedback = "" if record["valid"] else invalid_action_feedback(record["executed"])

@@ -41,7 +41,6 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
-import agent as agent_mod
 import eval as ev
 from memory_fs import ARITY, cut_after_last_terminator, parse_ops
 
@@ -141,10 +140,10 @@ def overlap_problem(named):
 # Candidates and features
 # ---------------------------------------------------------------------------------------------
 
-def routine_messages(turns):
-    """The whole conversation of a routine: every input and every reply, as the model saw them."""
-    last = len(turns) - 1
-    return agent_mod.turn_messages(turns, last) + [{"role": "assistant", "content": turns[last]["response"]}]
+def routine_messages(routine, turns):
+    """The conversation of a routine up to the last of `turns`: every input as the model saw it,
+    then that turn's reply as the model wrote it."""
+    return routine["messages"][:turns[-1]["input_messages"]] + [{"role": "assistant", "content": turns[-1]["response"]}]
 
 
 def consultation(turns):
@@ -182,7 +181,8 @@ def _trace_by_step(run, env_name, task, seed):
 def source_messages(run, meta):
     """The candidate's messages re-read from its trace file, for the verbatim check."""
     record = _trace_by_step(str(run), meta["env"], meta["task"], meta["seed"])[meta["step"]]
-    return routine_messages(consultation(dict(ev.routines(record))[meta["phase"]]["turns"]))
+    routine = dict(ev.routines(record))[meta["phase"]]
+    return routine_messages(routine, consultation(routine["turns"]))
 
 
 def candidates(run):
@@ -215,7 +215,7 @@ def candidates(run):
                 meta = {"run": str(run), "env": env_name, "task": task, "seed": seed, "step": r["step"],
                         "phase": phase, "turns": len(turns), "role": turns[0].get("role", "base")}
                 cid = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
-                out.append({"id": cid, "meta": meta, "features": features, "messages": routine_messages(turns),
+                out.append({"id": cid, "meta": meta, "features": features, "messages": routine_messages(routine, turns),
                             "arity": {op["op"]: len(op["args"]) for op in ops
                                       if op["op"] not in ARITY and not op.get("error")}})
     return out

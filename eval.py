@@ -16,9 +16,10 @@ NetHack seeds 42-46, 100,000 steps and BALROG's no-progress timeout (an episode 
 steps in a row without game time passing: envs.NO_PROGRESS_TIMEOUT),
 Qwen/Qwen2.5-32B-Instruct at temperature 1.0 with up to 4096 new tokens per reply; report.md says
 where a run departs from it. Statistics are BALROG's (`mean_se`, `overall`). A run folder
-holds config.json, <env>/<task>/ep_<seed>.jsonl (one line per step) and ep_<seed>.json (written
-when the episode ends), <env>/<task>/memory_<seed>/, summary.json and report.md. Every figure in
-the summary is recomputed from the traces (`summarize`), which the loops reuse.
+holds config.json, <env>/<task>/ep_<seed>.jsonl (one self-contained JSON line per step, gzipped
+to ep_<seed>.jsonl.gz when the episode ends) and ep_<seed>.json (written when it ends),
+<env>/<task>/memory_<seed>/, summary.json and report.md. Every figure in the summary is
+recomputed from the traces (`summarize`), which the loops reuse.
 
 An episode that cannot finish (the server stayed down, an exception in the game or the
 scaffold's code) keeps its trace, gets no result file but ep_<seed>.error.txt (reason, traceback),
@@ -29,14 +30,15 @@ others exit 0); `eval.py summarize` exits 1 too while episodes are unfinished.
 """
 import argparse
 import contextlib
+import gzip
 import json
 import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
-from collections import deque
 from importlib import metadata
 from pathlib import Path
 
@@ -61,10 +63,6 @@ FIRST_SEED = 42
 # Traces: writing and reading
 # ---------------------------------------------------------------------------------------------
 
-REF_MIN_CHARS = 64   # shorter texts stay in place: a reference would save little
-REF_STEPS = 16       # how many earlier steps' observations and replies a message may refer to
-
-
 def routines(record):
     """(name, routine) for every routine that ran in a step record, in the order they ran: the
     record lists their names (traces older than scaffold code held only LOG and PLAN)."""
@@ -82,153 +80,61 @@ def op_kind(op):
     return op.get("kind") or builtin_kind(op["op"])
 
 
-class _Texts:
-    """The texts a trace line's messages refer to instead of repeating them, each under a key: the
-    observations ("o12": step 12's; "o12.3": its paragraph 3, as BALROG's history shows a part of
-    it) and model replies ("r12.plan.0": the reply of step 12's PLAN turn 0) of this step and the
-    REF_STEPS before, this step's op results ("x12.log.1.2": op 2 of LOG turn 1), and the last
-    step's messages and their paragraphs ("m11.4": a system prompt, BALROG's instruction, a
-    prompt's fixed text, the game's instruction inside it). The writer and the reader build this
-    same table, line by line, from the texts as they are (the reader once it has put a line's
-    messages back). Any of them may be a whole message, and any is also looked for inside one."""
-
-    def __init__(self):
-        self.text, self.key = {}, {}   # key -> text; text -> its latest key
-        self.lines = deque()           # per line, the keys it added that last REF_STEPS lines
-        self.results = []              # this line's op-result keys, forgotten at the next line
-        self.previous = []             # the last line's messages and paragraphs, forgotten after this line
-        self.replies = deque()         # the reply keys of this line and the one before
-        self.inside = set()            # keys looked for inside messages
-
-    def _put(self, key, text, *lists):
-        if isinstance(text, str) and len(text) >= REF_MIN_CHARS:
-            self.text[key], self.key[text] = text, key
-            for keys in lists:
-                keys.append(key)
-
-    def add(self, record):
-        for key in self.results:
-            self._forget(key)
-        if len(self.replies) == 2:
-            self.inside.difference_update(self.replies.popleft())
-        step, lasting, replies, self.results = record.get("step"), [], [], []
-        put = self._put
-        observation = record.get("observation")
-        put(f"o{step}", observation, lasting)
-        for n, paragraph in enumerate(observation.split("\n\n") if isinstance(observation, str) else []):
-            put(f"o{step}.{n}", paragraph, lasting)
-        self.inside.update(lasting)
-        for phase, routine in routines(record):
-            for k, turn in enumerate(routine["turns"]):
-                put(f"r{step}.{phase}.{k}", turn.get("response"), lasting, replies)
-                for j, op in enumerate(turn.get("ops", [])):
-                    put(f"x{step}.{phase}.{k}.{j}", op.get("result"), self.results)
-        self.inside.update(self.results, replies)
-        self.replies.append(replies)
-        self.lines.append(lasting)
-        while len(self.lines) > REF_STEPS + 1:
-            for key in self.lines.popleft():
-                self._forget(key)
-
-    def add_messages(self, record):
-        """After a line: its messages and their paragraphs, for the next line to refer to (a system
-        prompt or BALROG's instruction repeats whole; prompts repeat their fixed text every step)."""
-        for key in self.previous:
-            self._forget(key)
-        self.previous, seen = [], set()
-        for _, routine in routines(record):
-            for turn in routine["turns"]:
-                for m in turn.get("messages", []) + turn.get("added", []):
-                    content = m.get("content") if isinstance(m.get("content"), str) else ""
-                    for text in (content, *content.split("\n\n")):
-                        if text not in seen:
-                            seen.add(text)
-                            self._put(f"m{record.get('step')}.{len(seen)}", text, self.previous)
-        self.inside.update(self.previous)
-
-    def _forget(self, key):
-        text = self.text.pop(key)
-        self.inside.discard(key)
-        if self.key.get(text) == key:
-            del self.key[text]
-
-    def compact(self, message):
-        """The message with known texts in its content replaced by {"ref": key}, as `parts`."""
-        content = message.get("content")
-        if not isinstance(content, str) or len(content) < REF_MIN_CHARS:
-            return message
-        if content in self.key:
-            parts = [{"ref": self.key[content]}]
-        else:
-            parts = [content]
-            found = {self.text[k]: k for k in self.inside if self.text[k] in content}
-            for text in sorted(found, key=len, reverse=True):
-                ref = {"ref": found[text]}
-                parts = [q for p in parts for q in
-                         ([p] if not isinstance(p, str) or text not in p else
-                          [x for piece in p.split(text) for x in (piece, ref)][:-1])]
-            if len(parts) == 1:
-                return message
-        out = {k: v for k, v in message.items() if k != "content"}
-        out["parts"] = [p for p in parts if p != ""]
-        return out
-
-    def expand(self, message):
-        if "parts" not in message:
-            return message
-        out = {k: v for k, v in message.items() if k != "parts"}
-        out["content"] = "".join(p if isinstance(p, str) else self.text[p["ref"]] for p in message["parts"])
-        return out
-
-
 class TraceWriter:
     """Appends one JSON line per step with a single write() on an O_APPEND file, so a killed
-    process leaves whole lines only. Nothing is stored twice: a text that a message repeats (the
-    observation in a prompt, the last turn's op results, a baseline's earlier observations and
-    last reply, the system prompt or instruction and a prompt's fixed text of the step before)
-    is replaced there by a reference to where it is stored (see _Texts): the message holds
-    `parts`, strings and {"ref": key}, instead of `content`. read_trace puts everything back."""
+    process leaves whole lines only. A line is whole in itself (json.loads reads it): each
+    routine holds its conversation once, as plain messages, and each turn the number of them
+    that formed its input (`input_messages`) beside its raw reply. A running episode's trace is
+    plain JSONL, to watch and to resume; `finish_trace` compresses it when the episode ends."""
 
     def __init__(self, path):
+        Path(f"{path}.gz").unlink(missing_ok=True)   # a killed run's trace of this episode
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-        self.texts = _Texts()
 
     def write(self, record):
-        self.texts.add(record)
-        line = dict(record)  # the caller's record is left as it is
-        for name, routine in routines(record):
-            line[name] = {**routine, "turns": [{**t, **{f: [self.texts.compact(m) for m in t[f]]
-                                                         for f in ("messages", "added") if f in t}}
-                                               for t in routine["turns"]]}
-        os.write(self.fd, (json.dumps(line, ensure_ascii=False) + "\n").encode())
-        self.texts.add_messages(record)
+        os.write(self.fd, (json.dumps(record, ensure_ascii=False) + "\n").encode())
 
     def close(self):
         os.close(self.fd)
 
 
+def finish_trace(path):
+    """A finished episode's trace, gzipped to <path>.gz (pandas' read_json and `zcat | jq` read
+    it); the plain file goes once the compressed one is in place."""
+    path = Path(path)
+    tmp = Path(f"{path}.gz.{os.getpid()}.tmp")
+    with open(path, "rb") as src, open(tmp, "wb") as raw, \
+            gzip.GzipFile(path.name, "wb", compresslevel=6, fileobj=raw) as dst:
+        shutil.copyfileobj(src, dst)
+    os.replace(tmp, f"{path}.gz")
+    path.unlink()
+
+
+def trace_file(path):
+    """The file holding the trace `path` names (ep_<seed>.jsonl): itself while its episode runs,
+    <path>.gz once it finished; None if there is neither."""
+    return next((p for p in (Path(path), Path(f"{path}.gz")) if p.exists()), None)
+
+
+def open_text(path, errors="strict"):
+    """A text file, through gzip when its name ends in .gz."""
+    if str(path).endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors=errors)
+    return open(path, encoding="utf-8", errors=errors)
+
+
 def iter_trace(path):
-    """The step records of a trace, one at a time, with everything TraceWriter stored once put
-    back in place (and, in traces written before references, the system prompt kept in a line's
-    `system` field); a line cut by a crash mid-write (never seen in practice) ends the trace
-    rather than failing the reader."""
-    system, texts = None, _Texts()
-    with open(path, encoding="utf-8") as f:
+    """The step records of a trace (ep_<seed>.jsonl, or its .gz), one at a time; a line cut by
+    a crash mid-write (never seen in practice) ends the trace rather than failing the reader."""
+    found = trace_file(path)
+    if found is None:
+        raise FileNotFoundError(f"no trace {path} (nor {path}.gz)")
+    with open_text(found) as f:
         for line in f:
             try:
-                record = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError:
                 return
-            system = record.pop("system", system)
-            texts.add(record)
-            for _, routine in routines(record):
-                for turn in routine["turns"]:
-                    for field in ("messages", "added"):
-                        if field in turn:
-                            turn[field] = [{"role": m["role"], "content": system} if m.get("ref") == "system"
-                                           else texts.expand(m) for m in turn[field]]
-            texts.add_messages(record)
-            yield record
 
 
 def read_trace(path):
@@ -508,8 +414,8 @@ def summarize(run, on_episode=None):
         summary["behaviour"] = total["behaviour"]
         summary["tokens"] = total["tokens"]
     unfinished = [e for e in planned_episodes(config) if not episode_paths(run, *e)[1].exists()]
-    traces = [episode_paths(run, *e)[0] for e in unfinished]
-    counts = [s["counts"] for s in everything] + [episode_stats(Trace(t))["counts"] for t in traces if t.exists()]
+    traces = [trace_file(episode_paths(run, *e)[0]) for e in unfinished]
+    counts = [s["counts"] for s in everything] + [episode_stats(Trace(t))["counts"] for t in traces if t]
     if counts:
         summary["backend"] = backend_health(_total(counts))
     summary["unfinished"] = [{"env": e, "task": t, "seed": s, "reason": unfinished_reason(run, e, t, s)}
@@ -926,6 +832,7 @@ def run_eval(args):
             writer.close()
             ag.close()
             running.pop(key, None)
+        finish_trace(trace_path)
         result.update(env=env_name, task=task, scaffold=scaffold.name, agent=args.agent,
                       model=args.model, specialist=args.specialist)
         write_json(result_path, result)   # its presence marks the episode finished
@@ -1036,8 +943,8 @@ def replay_panel(run, seed, task=None):
     observation against the trace; the first difference stops the panel there."""
     run = Path(run)
     cfg = json.loads((run / "config.json").read_text())
-    found = sorted((p.parent.parent.name, p.parent.name) for p in run.glob(f"*/*/ep_{seed}.jsonl")
-                   if task is None or p.parent.name == task)
+    found = sorted({(p.parent.parent.name, p.parent.name) for name in (f"ep_{seed}.jsonl", f"ep_{seed}.jsonl.gz")
+                    for p in run.glob(f"*/*/{name}") if task is None or p.parent.name == task})
     if not found:
         raise UsageError(f"{run} has no episode with seed {seed}" + (f" on {task}" if task else ""))
     if len(found) > 1:

@@ -69,7 +69,7 @@ TOOLS = [
     _tool("grep", f"Lines matching a regular expression in a file or under a folder; a long line is shown "
           f"as {GREP_CHARS} characters around the match.",
           {"pattern": _S, "path": _S, "max_results": _I}, ["pattern", "path"]),
-    _tool("read_steps", "Read a trace (ep_<seed>.jsonl) step by step, field by field. One step (end "
+    _tool("read_steps", "Read a trace (ep_<seed>.jsonl or .jsonl.gz) step by step, field by field. One step (end "
           "omitted): every field (or those named), each cut at "
           f"{FIELD_CHARS} characters with a note; one field of one step: up to {RESULT_CHARS} characters "
           "from `offset`. A range of steps: one line per step (action, reward, progression, ops per "
@@ -100,12 +100,10 @@ says. A scaffold is code plus data; this is how one is written:
 
 """ + SCAFFOLD_API + """
 
-Investigate the run with the tools: read and grep the traces (one JSON line per step: observation,
-LOG and PLAN turns with their ops and results, action, reward, progression, memory_diff; nothing
-is stored twice: a message that repeats a text holds "parts", strings and refs, for its "content":
-{"ref": "o12"} is step 12's observation, "x12.log.1.0" that op's result, "r12.plan.0" that reply,
-"m11.3" a text of the step before's messages (a prompt's fixed text)), the final
-memory folders, the parent scaffold and the agent's code. Find where memory use went wrong (what
+Investigate the run with the tools: read and grep the traces (ep_<seed>.jsonl.gz, gzipped when
+the episode finished; the tools read them as text. One JSON line per step: observation, per
+routine (LOG, PLAN) its conversation and its turns, each with its raw response and ops with
+results, action, reward, progression, memory_diff), the final memory folders, the parent scaffold and the agent's code. Find where memory use went wrong (what
 was never recorded, searches that came back empty, redundant writes, repeated useless actions) and
 revise the scaffold in new/ (it starts as a copy of the parent).
 
@@ -149,6 +147,11 @@ def cut(text, limit=RESULT_CHARS, hint="narrow the request"):
     if len(text) <= limit:
         return text
     return text[:limit] + f"\n[cut: {limit} of {len(text)} characters shown; {hint}]"
+
+
+def is_trace(path):
+    """ep_<seed>.jsonl, or its .gz once the episode finished (read_steps reads both)."""
+    return path.name.endswith((".jsonl", ".jsonl.gz"))
 
 
 class Workspace:
@@ -218,11 +221,12 @@ class Workspace:
         p = self.resolve(path)
         if not p.is_file():
             raise ToolError(f"{path} is not a file")
-        lines = p.read_text(errors="replace").splitlines()
+        with ev.open_text(p, errors="replace") as f:
+            lines = f.read().splitlines()
         offset, limit = max(0, int(offset or 0)), max(1, min(int(limit or 200), 2000))
         chunk = [line if len(line) <= LINE_CHARS else
                  line[:LINE_CHARS] + f" [line cut: {LINE_CHARS} of {len(line)} characters"
-                 + ("; read trace steps with read_steps]" if p.suffix == ".jsonl" else "]")
+                 + ("; read trace steps with read_steps]" if is_trace(p) else "]")
                  for line in lines[offset:offset + limit]]
         return f"[{path}: lines {offset}-{offset + len(chunk)} of {len(lines)}]\n" + "\n".join(chunk)
 
@@ -234,7 +238,9 @@ class Workspace:
         p, files = self.files(path)
         out, max_results = [], max(1, min(int(max_results or 50), 500))
         for f in files:
-            for i, line in enumerate(f.read_text(errors="replace").splitlines()):
+            with ev.open_text(f, errors="replace") as text:
+                lines = text.read().splitlines()
+            for i, line in enumerate(lines):
                 m = rx.search(line)
                 if not m:
                     continue
@@ -249,8 +255,8 @@ class Workspace:
 
     def read_steps(self, path, step, end=None, fields=None, offset=0):
         p = self.resolve(path)
-        if not p.is_file() or p.suffix != ".jsonl":
-            raise ToolError(f"{path} is not a trace (an ep_<seed>.jsonl file)")
+        if not p.is_file() or not is_trace(p):
+            raise ToolError(f"{path} is not a trace (an ep_<seed>.jsonl or .jsonl.gz file)")
         first, last = int(step), int(step if end is None else end)
         if first < 0 or last < first:
             raise ToolError("need 0 <= step <= end")
@@ -259,7 +265,7 @@ class Workspace:
             last = first + MAX_STEPS_SHOWN - 1
             note = f"\n[only steps {first}-{last} shown: {MAX_STEPS_SHOWN} per call]"
         records, total = [], 0
-        for i, record in enumerate(ev.iter_trace(p)):   # streamed: a line refers to texts before it
+        for i, record in enumerate(ev.iter_trace(p)):
             total = i + 1
             if first <= i:
                 records.append(record)
@@ -269,8 +275,8 @@ class Workspace:
             raise ToolError(f"{path} has no step {first} ({total} steps)")
         fields = list(fields) if fields else None
         if "system" in (fields or []):
-            system = next((m["content"] for r in records for _, routine in ev.routines(r) for t in routine["turns"]
-                           for m in t.get("messages", []) if m.get("role") == "system"), None)
+            system = next((m["content"] for r in records for _, routine in ev.routines(r)
+                           for m in routine["messages"] if m["role"] == "system"), None)
             records[0]["system"] = system if system is not None else "(no system prompt in these steps)"
         if len(records) == 1:
             return render_step(records[0], fields, offset) + note
@@ -320,17 +326,26 @@ def step_line(record):
 
 
 def render_routine(routine):
+    """Turn by turn: the messages its input added (the system prompt named, not shown), the raw
+    response, its ops and, when the policy rewrote the reply, what the next turn was shown."""
+    def said(m):
+        return f"{m['role']}: " + ("[the system prompt: field 'system']" if m["role"] == "system" else m["content"])
+    messages, shown = routine["messages"], 0
     lines = [f"ended: {routine.get('ended')}"]
-    for k, turn in enumerate(routine.get("turns", [])):
+    for k, turn in enumerate(routine["turns"]):
         lines.append(f"-- turn {k} ({turn.get('role', 'base')})")
-        for m in turn.get("messages", turn.get("added", [])):
-            text = "[the system prompt: field 'system']" if m.get("role") == "system" else m.get("content")
-            lines.append(f"{m.get('role')}: {text}")
+        lines += [said(m) for m in messages[shown:turn["input_messages"]]]
+        shown = turn["input_messages"]
         lines.append(f"response: {turn.get('response')}")
         for o in turn.get("ops", []):
             extra = f" error: {o['error']}" if o.get("error") else f" -> {o.get('result')!r}"
             lines.append(f"op {o['op']}({' | '.join(map(str, o.get('args', [])))}){extra}"
                          + (f" flags {o['flags']}" if o.get("flags") else ""))
+        if not turn.get("error") and shown < len(messages):   # the reply joined the conversation
+            if messages[shown]["content"] != turn.get("response"):
+                lines.append(f"rewritten as: {messages[shown]['content']}")
+            shown += 1
+    lines += [said(m) for m in messages[shown:]]
     return "\n".join(lines)
 
 
@@ -416,6 +431,7 @@ def digest(run):
 
     def describe(env_name, task, seed, records, s):
         trace, _, memory = ev.episode_paths(run, env_name, task, seed)
+        trace = ev.trace_file(trace)
         ops = {}
         for r in records:
             for phase, routine in ev.routines(r):

@@ -100,11 +100,12 @@ def plan_searches(run):
     out, situations = [], set()
     for env_name, task, seed in ev.finished_episodes(run):
         for r in ev.iter_trace(ev.episode_paths(run, env_name, task, seed)[0]):
-            turns = next((turns for phase, _, turns, _ in cs.memory_turns(r) if phase == "plan"), None)
+            plan, turns = next(((routine, turns) for phase, routine, turns, _ in cs.memory_turns(r)
+                                if phase == "plan"), (None, None))
             search = next((op for op in turns[0].get("ops", []) if op["op"] == "SEARCH" and not op.get("error")),
                           None) if turns else None
             if search:
-                _, facing, seen = view(turns[0]["messages"][0]["content"])
+                _, facing, seen = view(plan["messages"][0]["content"])
                 situation = (env_name, task, seed, facing, tuple(sorted(seen)))
                 if situation not in situations:
                     situations.add(situation)

@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from agent import ScriptedServer  # noqa: E402
+import eval as ev  # noqa: E402
 
 MOVES = {"north": "Move North", "south": "Move South", "west": "Move West", "east": "Move East"}
 
@@ -93,7 +94,7 @@ def main():
     subprocess.run([sys.executable, str(ROOT / "eval.py"), "replay", str(run), "--seed", str(args.seed), "--out", str(page)],
                    check=True, capture_output=True)
     t2 = time.time()
-    trace_mb = sum(f.stat().st_size for f in run.glob("crafter/default/*.jsonl")) / 1e6
+    trace_mb = ev.trace_file(run / f"crafter/default/ep_{args.seed}.jsonl").stat().st_size / 1e6
     played = json.loads((run / f"crafter/default/ep_{args.seed}.json").read_text())
     from playwright.sync_api import sync_playwright
     with sync_playwright() as pw:

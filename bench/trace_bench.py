@@ -1,13 +1,12 @@
-"""Trace bytes per step, before and after references (eval.TraceWriter), on Crafter and NetHack.
+"""Trace bytes per step on disk (eval.TraceWriter, eval.finish_trace), on Crafter and NetHack.
 
     python bench/trace_bench.py [--steps 40]
 
 Plays seeded episodes with the memory agent (v0) and the cot baseline against a local scripted
 OpenAI-compatible server whose replies look like a model's (reasoning, SEARCH / READ / APPEND,
-an action), then measures the same step records two ways: as plain JSON lines (the format
-before: its only saving, a system prompt stored once, never applied, as neither agent sends a
-system message) and as eval.TraceWriter writes them now (nothing stored twice), read back with
-eval.read_trace to equal the records. No model runs: the numbers are about the trace format.
+an action), writes their step records as a run does: plain JSON lines while the episode runs,
+gzipped when it finished; each file read back with eval.read_trace equals the records. No model
+runs: the numbers are about the trace format.
 """
 import argparse
 import json
@@ -59,12 +58,16 @@ def play_records(env_name, kind, steps, folder):
 
 
 def write(records, path):
+    """Bytes of the running (plain) trace and of the finished (gzipped) one."""
     writer = ev.TraceWriter(path)
     for r in records:
         writer.write(r)
     writer.close()
     assert ev.read_trace(path) == records, f"{path} does not read back to its records"
-    return Path(path).stat().st_size
+    running = Path(path).stat().st_size
+    ev.finish_trace(path)
+    assert ev.read_trace(path) == records, f"{path}.gz does not read back to its records"
+    return running, Path(f"{path}.gz").stat().st_size
 
 
 def main(argv=None):
@@ -72,15 +75,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=40)
     args = p.parse_args(argv)
     print(f"bytes per step over {args.steps} steps (seed 42); every file read back equal to its records")
-    print(f"{'game':8} {'agent':7} {'before':>9} {'now':>9} {'before/now':>12}")
+    print(f"{'game':8} {'agent':7} {'running':>9} {'finished':>9} {'ratio':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for env_name in ("crafter", "nle"):
             for kind in ("memory", "cot"):
                 records = play_records(env_name, kind, args.steps, tmp)
-                before = sum(len((json.dumps(r, ensure_ascii=False) + "\n").encode()) for r in records)
-                now = write(records, f"{tmp}/now.jsonl")
+                running, finished = write(records, f"{tmp}/{env_name}_{kind}.jsonl")
                 n = len(records)
-                print(f"{env_name:8} {kind:7} {before / n:9,.0f} {now / n:9,.0f} {before / now:11.2f}x")
+                print(f"{env_name:8} {kind:7} {running / n:9,.0f} {finished / n:9,.0f} {running / finished:7.1f}x")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import agent
 import envs
 from agent import (HFBackend, OpenAIBackend, Request, ScaffoldError, ScriptedServer,
-                   load_scaffold, make_agent, play, run_episodes, turn_messages)
+                   load_scaffold, make_agent, play, run_episodes)
 
 KITCHEN_SINK = agent.ROOT / "tests" / "scaffolds" / "kitchen_sink"
 
@@ -90,12 +90,10 @@ def test_memory_agent_end_to_end_against_server(tmp_path):
         "survival_log.txt": {"appended": ["step 2: moved, all fine"]},
         "map_notes.txt": {"replaced": "tree: seen at step 2\n"}}
     assert records[2]["plan"]["ended"] == "action"
-    # the compact turns rebuild exactly the messages the server received
-    rebuilt = []
-    for r in records:
-        for name in r["routines"]:
-            turns = r[name]["turns"]
-            rebuilt += [turn_messages(turns, k) for k in range(len(turns))]
+    # each turn's input, the first input_messages of its routine's conversation, is exactly what
+    # the server received
+    rebuilt = [r[name]["messages"][:t["input_messages"]] for r in records for name in r["routines"]
+               for t in r[name]["turns"]]
     assert rebuilt == [b["messages"] for b in sent]
 
 
@@ -112,7 +110,7 @@ def test_log_records_only_after_the_environment_answered(tmp_path):
         ag = make_agent("memory", env, load_scaffold("v0"), tmp_path / "mem")
         records, _ = run_one(env, ag, backend, steps=3, seed=1)
     for prev, cur in zip(records, records[1:]):
-        log_prompt = cur["log"]["turns"][0]["messages"][0]["content"]
+        log_prompt = cur["log"]["messages"][0]["content"]
         assert all(part in log_prompt for part in cur["observation"].split("\n\n"))  # the env's answer to prev's action
         assert f"Your previous action (step {prev['step']}): {prev['action']['raw']}" in log_prompt
     for r in records:
@@ -132,7 +130,7 @@ def test_invalid_action_is_told(tmp_path):
         ag = make_agent("memory", env, load_scaffold("v0"), tmp_path / "mem")
         records, _ = run_one(env, ag, OpenAIBackend(server.url, "m", max_retries=0), steps=2)
     assert records[0]["action"] == {"raw": "fly to the moon", "executed": "north", "valid": False}
-    prompt = records[1]["log"]["turns"][0]["messages"][0]["content"]
+    prompt = records[1]["log"]["messages"][0]["content"]
     assert ("Your previous output (step 0) was 'fly to the moon'. That is not a valid action, so the game "
             "ran its default action, north, instead.") in prompt
     # and the observation carries the evaluator's note, as the authors' agent read it
@@ -154,10 +152,10 @@ def test_a_blocked_move_is_noticed_and_an_effective_one_is_not(tmp_path):
     # the first bump into the wall still changes the text ("It's a wall."); the second does not
     assert [r["observation"] != records[i + 1]["observation"] for i, r in enumerate(records[:3])] == [True, True, False]
     note = "the observation is the same as before the previous action, so that action most likely had no effect"
-    prompts = [r["log"]["turns"][0]["messages"][0]["content"] for r in records[1:]]
+    prompts = [r["log"]["messages"][0]["content"] for r in records[1:]]
     assert [note in p for p in prompts] == [False, False, True]
-    assert "Do not repeat your last action (south)" in records[3]["plan"]["turns"][0]["messages"][0]["content"]
-    assert "Do not repeat" not in records[2]["plan"]["turns"][0]["messages"][0]["content"]
+    assert "Do not repeat your last action (south)" in records[3]["plan"]["messages"][0]["content"]
+    assert "Do not repeat" not in records[2]["plan"]["messages"][0]["content"]
 
 
 def test_no_committed_action_is_invalid_and_told(tmp_path):
@@ -175,12 +173,12 @@ def test_no_committed_action_is_invalid_and_told(tmp_path):
         naive, _ = run_one(env, make_agent("naive", env), backend, steps=2)
     assert records[0]["plan"]["ended"] == "turn_limit" and len(records[0]["plan"]["turns"]) == 10
     assert records[0]["action"] == {"raw": None, "executed": "Noop", "valid": False}
-    log_prompt = records[1]["log"]["turns"][0]["messages"][0]["content"]
+    log_prompt = records[1]["log"]["messages"][0]["content"]
     # v0's Crafter fallback is "noop", which the authors' evaluator did not accept: told as invalid
     assert ("Your previous output (step 0) was 'noop'. That is not a valid action, so the game ran its "
             "default action, Noop, instead.") in log_prompt
     assert naive[0]["action"] == {"raw": "SEARCHstrategytxtgoalEND", "executed": "Noop", "valid": False}
-    told = naive[1]["plan"]["turns"][0]["messages"][-1]["content"]
+    told = naive[1]["plan"]["messages"][-2]["content"]   # the request's last message, before the reply
     assert "\n\n\nYour previous output did not contain a valid action. Defaulted to action: Noop\n\nObservation:\n" in told
 
 
@@ -383,7 +381,7 @@ def test_two_model_mode_routes_memory_turns_through_the_adapter(tmp_path, adapte
     assert log_roles == {"specialist"}
     first_base = plan_roles.index("base")      # the specialist consults, then the base model continues
     assert first_base > 0 and set(plan_roles[:first_base]) == {"specialist"} and set(plan_roles[first_base:]) == {"base"}
-    handoff = turn_messages(turns, first_base)
+    handoff = records[1]["plan"]["messages"][:turns[first_base]["input_messages"]]
     assert handoff[-1]["role"] == "user" and "consultation is over" in handoff[-1]["content"]
     assert all("<|ACTION|>" not in m["content"] for m in handoff if m["role"] == "assistant")
 
@@ -407,8 +405,9 @@ def test_two_model_handoff_over_a_server(tmp_path):
     turns = records[1]["plan"]["turns"]
     assert [t["role"] for t in turns] == ["specialist", "base", "base"]
     assert [o["op"] for o in turns[0]["ops"]] == ["SEARCH", "ACTION"]
-    handed = turn_messages(turns, 1)
+    handed = records[1]["plan"]["messages"][:turns[1]["input_messages"]]
     assert handed[-2] == {"role": "assistant", "content": "<|SEARCH|>game_rules.txt|stairs<|END|> so I would"}
+    assert turns[0]["response"] == "<|SEARCH|>game_rules.txt|stairs<|END|> so I would <|ACTION|>up<|END|>"  # as said
     assert handed[-1]["content"].startswith("[SEARCH game_rules.txt|stairs]\ngame_rules.txt: 1 line containing "
                                             "'stairs':\nSTAIRS\n\nThe memory consultation is over.")
     assert turns[1]["ops"][0]["op"] == "READ" and records[1]["plan"]["ended"] == "action"

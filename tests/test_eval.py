@@ -1,5 +1,6 @@
 """eval.py: outputs, summary from traces, metrics on hand-built traces, bad arguments,
 SIGKILL + resume, Ctrl-C, reports and plots."""
+import gzip
 import json
 import os
 import re
@@ -60,17 +61,18 @@ def test_tiny_random_end_to_end(tmp_path, boxoban_levels):
     for task in ("MiniHack-Corridor-R3-v0", "MiniHack-Boxoban-Hard-v0"):
         for seed in (42, 43):
             trace, result, memory = ev.episode_paths(out, "minihack", task, seed)
-            lines = trace.read_text().splitlines()
+            assert not trace.exists() and ev.trace_file(trace).name == f"ep_{seed}.jsonl.gz"   # finished: gzipped
+            lines = gzip.open(ev.trace_file(trace), "rt").read().splitlines()
             assert len(lines) == 3 and all(json.loads(line)["step"] == i for i, line in enumerate(lines))
             assert json.loads(result.read_text())["steps"] == 3
             assert (memory / "strategy.txt").exists()
     summary = json.loads((out / "summary.json").read_text())
     # recompute the headline numbers straight from the trace files
-    progs = [100 * ev.read_trace(p)[-1]["progression"] for p in sorted(out.glob("minihack/*/ep_*.jsonl"))]
+    progs = [100 * ev.read_trace(p)[-1]["progression"] for p in sorted(out.glob("minihack/*/ep_*.jsonl.gz"))]
     mh = summary["envs"]["minihack"]
     assert mh["progression_pct"]["n"] == 4 == len(progs)
     assert mh["progression_pct"]["mean"] == pytest.approx(sum(progs) / 4)
-    tokens = sum(r["tokens"]["prompt"] for p in out.glob("minihack/*/ep_*.jsonl") for r in ev.read_trace(p))
+    tokens = sum(r["tokens"]["prompt"] for p in out.glob("minihack/*/ep_*.jsonl.gz") for r in ev.read_trace(p))
     assert summary["tokens"]["prompt"] == tokens > 0
     assert set(mh["tasks"]) == {"MiniHack-Corridor-R3-v0", "MiniHack-Boxoban-Hard-v0"}
     assert mh["end_reasons"] == {"truncated": 4}          # the run's step limit is the game's
@@ -99,56 +101,25 @@ def test_scripted_server_run_summary_and_behaviour(tmp_path):
     assert b["redundant_write_rate"] == 0.0
     trace = ev.read_trace(tmp_path / "run/crafter/default/ep_5.jsonl")
     assert trace[1]["memory_diff"] == {"survival_log.txt": {"appended": ["step 1 seen"]}}
-    # v0 sends no system message (as the authors' agent); test_scaffold_api checks that a
-    # scaffold's system prompt is stored once on real records. v0's prompts hold the observation:
-    # on disk it is in each line once
-    raw = (tmp_path / "run/crafter/default/ep_5.jsonl").read_text().splitlines()
-    assert not any("system" in json.loads(line) for line in raw)
-    assert all(line.count(json.dumps(r["observation"])[1:-1]) == 1 for line, r in zip(raw, trace))
-
-
-def test_trace_round_trip_is_exact(tmp_path):
-    """What read_trace returns equals what was written, prompts that change included; the
-    writer leaves the caller's records untouched."""
-    def turn(system, user):
-        return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-                "response": "ok"}
-    a, b = "You play Crafter. " * 40, "Another prompt, long enough (64 characters or more) to be referred to when it repeats."
-    records = [{"step": 0, "log": None, "plan": {"turns": [turn(a, "plan 0"), {"added": [], "response": "x"}]}},
-               {"step": 1, "log": {"turns": [turn(a, "log 1")]}, "plan": {"turns": [turn(a, "plan 1")]}},
-               {"step": 2, "log": {"turns": [turn(b, "log 2")]}, "plan": {"turns": [turn(a, "plan 2")]}},
-               {"step": 3, "log": {"turns": [turn(b, "log 3")]}, "plan": {"turns": [turn(b, "plan 3")]}}]
-    before = json.loads(json.dumps(records))
-    writer = ev.TraceWriter(tmp_path / "t.jsonl")
-    for r in records:
-        writer.write(r)
-    writer.close()
-    assert records == before
-    assert ev.read_trace(tmp_path / "t.jsonl") == before
-    text = (tmp_path / "t.jsonl").read_text()
-    assert text.count("You play Crafter.") == 40 and text.count(b) == 1   # a on line 0, b on line 2
-
-
-def test_trace_refers_to_a_text_known_under_two_keys(tmp_path):
-    """An op result equal to an earlier observation: once the result is forgotten (next line), a
-    message repeating that text refers to the observation, and the round trip stays exact."""
-    obs = "You see: a long corridor going north with a door at its end, and nothing else around you."
-
-    def line(step, user, ops=(), added=None):
-        turns = [{"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": user}],
-                  "response": "r", "ops": list(ops)}]
-        if added:
-            turns.append({"added": [{"role": "user", "content": added}], "response": "q", "ops": []})
-        return {"step": step, "observation": f"{step}" * 70, "log": None, "plan": {"turns": turns}}
-    records = [{**line(0, "look " + obs), "observation": obs},
-               line(1, "read it", [{"op": "READ", "result": obs}], "[READ]\n" + obs),
-               line(2, "again " + obs)]
-    writer = ev.TraceWriter(tmp_path / "t.jsonl")
-    for r in records:
-        writer.write(r)
-    writer.close()
-    assert ev.read_trace(tmp_path / "t.jsonl") == records
-    assert (tmp_path / "t.jsonl").read_text().count("corridor") == 2   # the observation, the op's result
+    # one line of the finished trace, through jq alone, shows every message of every turn of its
+    # step: each turn's input (the first input_messages of its routine's conversation) and reply,
+    # exactly as the server received and answered them
+    per_turn = ('.routines[] as $name | .[$name] as $r | $r.turns[] '
+                '| {input: $r.messages[:.input_messages], response}')
+    gz = tmp_path / "run/crafter/default/ep_5.jsonl.gz"
+    shown = subprocess.run(f"zcat {gz} | sed -n 2p | jq -c '{per_turn}'", shell=True, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    sent = [{"input": b["messages"], "response": deterministic_model(b)} for b in server.requests]
+    shown = [json.loads(turn) for turn in shown]
+    assert all(turn in sent for turn in shown)
+    assert [[m["role"] for m in turn["input"]] for turn in shown] == [["user"], ["user", "assistant", "user"], ["user"]]
+    assert [turn["response"][:10] for turn in shown] == ["<|SEARCH|>", "<|APPEND|>", "<|ACTION|>"]   # LOG x2, PLAN
+    # and the whole run's turns, every line read alone, are exactly the requests the server had
+    turns = [json.loads(t) for seed in (5, 6) for t in subprocess.run(
+        f"zcat {gz.with_name(f'ep_{seed}.jsonl.gz')} | jq -c '{per_turn}'", shell=True, capture_output=True,
+        text=True, check=True).stdout.splitlines()]
+    key = lambda turn: json.dumps(turn, sort_keys=True)  # noqa: E731
+    assert sorted(map(key, turns)) == sorted(map(key, sent))
 
 
 def record(state, next_state, ops_log=(), ops_plan=(), prompt=10, valid=True):
@@ -323,8 +294,8 @@ def test_unloadable_model_says_how_to_run_offline(tmp_path):
 
 
 def _strict_lines(run):
-    for trace in Path(run).glob("*/*/ep_*.jsonl"):
-        for line in trace.read_text().splitlines():
+    for trace in Path(run).glob("*/*/ep_*.jsonl*"):
+        for line in ev.open_text(trace).read().splitlines():
             json.loads(line)  # raises on any partial line
 
 
@@ -359,7 +330,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     # finished episodes were not rerun: files untouched, and fewer requests than a full run
     for name, mtime in finished.items():
         assert (killed / "crafter/default" / name).stat().st_mtime_ns == mtime
-    full_requests = sum(len(routine["turns"]) for p in (tmp_path / "full").glob("crafter/default/*.jsonl")
+    full_requests = sum(len(routine["turns"]) for p in (tmp_path / "full").glob("crafter/default/*.jsonl.gz")
                         for r in ev.read_trace(p) for _, routine in ev.routines(r))
     assert resume_requests < full_requests
     a = json.loads((tmp_path / "full/summary.json").read_text())
@@ -471,20 +442,18 @@ def test_shards_share_a_run_folder_and_the_last_writes_the_summary(tmp_path):
     assert again.returncode == 0 and json.loads((out / "summary.json").read_text()) == summary
 
 
-def test_trace_stores_each_observation_and_op_result_once(tmp_path):
-    """Prompts repeat the observation, a turn's message the last turn's op results, a baseline's
-    history earlier observations and its last reply, every request BALROG's instruction: on disk
-    each is stored once, and read_trace gives back exactly the records. Replies carry their
-    finish reason."""
+def test_trace_lines_stand_alone_and_finished_traces_are_gzipped(tmp_path):
+    """Each line of a memory agent's and a baseline's trace is its step record, read with
+    json.loads alone: every turn's input is the first `input_messages` messages of its routine's
+    conversation, exactly the request the server received, beside the raw reply and its finish
+    reason. finish_trace gzips the file (zcat reads it); a rerun's writer removes it."""
     def model(body):
         first, last = body["messages"][0]["content"], body["messages"][-1]["content"]
         if first.startswith("MEMORY UPDATE"):
             return "<|DONE|>" if "[READ" in last else "<|READ|>crafting_progress.txt<|END|>"
         if kind == "memory":
-            if "[READ" not in last:
-                return "<|READ|>crafting_progress.txt<|END|><|READ|>map_notes.txt<|END|>"
-            return "I look around once more, think it over at length, and then I act. <|ACTION|>Do<|END|>"
-        return "I look around once more, think it over at length, and then I act.\nACTION: Do"   # BALROG
+            return "<|ACTION|>Do<|END|>" if "[READ" in last else "<|READ|>crafting_progress.txt<|END|>"
+        return "I look around, think it over, and act.\nACTION: Do"   # BALROG
     for kind in ("memory", "cot"):
         with ScriptedServer(model) as server:
             env = envs.make_env("crafter", seed=4)
@@ -492,26 +461,25 @@ def test_trace_stores_each_observation_and_op_result_once(tmp_path):
             records = []
             agent_mod.run_episodes([agent_mod.play(env, ag, 4, records.append, 5)],
                                    agent_mod.OpenAIBackend(server.url, "scripted"))
+            sent = [b["messages"] for b in server.requests]
         records = json.loads(json.dumps(records))
         path = tmp_path / f"{kind}.jsonl"
         writer = ev.TraceWriter(path)
         for r in records:
             writer.write(r)
         writer.close()
-        assert ev.read_trace(path) == records
+        assert [json.loads(line) for line in path.read_text().splitlines()] == records == ev.read_trace(path)
+        turns = [(ro, t) for r in records for _, ro in ev.routines(r) for t in ro["turns"]]
+        assert [ro["messages"][:t["input_messages"]] for ro, t in turns] == sent
+        assert [t["response"] for _, t in turns] == [model({"messages": m}) for m in sent]
+        assert {t["finish_reason"] for _, t in turns} == {"stop"} and len(turns) >= 5
+        ev.finish_trace(path)
+        assert not path.exists() and ev.read_trace(path) == records
+        unzipped = subprocess.run(["zcat", f"{path}.gz"], capture_output=True, text=True, check=True).stdout
+        assert [json.loads(line) for line in unzipped.splitlines()] == records
         assert ev.episode_stats(ev.iter_trace(path)) == ev.episode_stats(records)
-        raw = path.read_text()
-        texts = [r["observation"] for r in records]
-        texts += [t["response"] for r in records for _, ro in ev.routines(r) for t in ro["turns"]]
-        texts += [op["result"] for r in records for _, ro in ev.routines(r) for op in ev.routine_ops(ro)
-                  if isinstance(op["result"], str)]
-        for text in {t for t in texts if len(t) >= ev.REF_MIN_CHARS}:
-            assert raw.count(json.dumps(text, ensure_ascii=False)[1:-1]) == texts.count(text), text[:80]
-        if kind == "cot":   # BALROG's instruction opens every request
-            instruction = records[0]["plan"]["turns"][0]["messages"][0]["content"]
-            assert raw.count(json.dumps(instruction, ensure_ascii=False)[1:-1]) == 1
-        turns = [t for r in records for _, ro in ev.routines(r) for t in ro["turns"]]
-        assert {t["finish_reason"] for t in turns} == {"stop"} and len(turns) >= 5
+    ev.TraceWriter(path).close()      # the episode rerun after a kill: its old trace goes
+    assert ev.trace_file(path) == path and ev.read_trace(path) == []
 
 
 def test_summaries_stream_the_traces(tmp_path):
@@ -524,11 +492,11 @@ def test_summaries_stream_the_traces(tmp_path):
     writer = ev.TraceWriter(trace)
     for step in range(800):
         observation = os.urandom(2000).hex()      # 4 KB that nothing else repeats
-        turn = {"messages": [{"role": "user", "content": f"What now?\n\n{observation}"}], "role": "base",
-                "response": "Noop", "prompt_tokens": 1000, "completion_tokens": 1, "latency_s": 0.1,
-                "error": None, "finish_reason": "stop", "ops": []}
+        turn = {"role": "base", "input_messages": 1, "response": "Noop", "prompt_tokens": 1000,
+                "completion_tokens": 1, "latency_s": 0.1, "error": None, "finish_reason": "stop", "ops": []}
+        messages = [{"role": "user", "content": f"What now?\n\n{observation}"}, {"role": "assistant", "content": "Noop"}]
         writer.write({"step": step, "observation": observation, "state": None, "next_state": None,
-                      "routines": ["plan"], "plan": {"turns": [turn], "ended": "action"},
+                      "routines": ["plan"], "plan": {"messages": messages, "turns": [turn], "ended": "action"},
                       "action": {"raw": "Noop", "executed": "Noop", "valid": True}, "reward": 0.0,
                       "done": False, "progression": 0.0, "info": {}, "tokens": {"prompt": 1000, "completion": 1}})
     writer.close()

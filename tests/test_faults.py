@@ -384,8 +384,8 @@ def test_thirty_percent_faults_of_every_kind(tmp_path):
                       "--backoff", "0.01", "--timeout", "0.5"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert set(served) == set(FAULTS)
-    for trace in out.glob("crafter/default/ep_*.jsonl"):
-        assert len([json.loads(line) for line in trace.read_text().splitlines()]) == 8
+    for trace in out.glob("crafter/default/ep_*.jsonl.gz"):
+        assert len(ev.read_trace(trace)) == 8
     b = json.loads((out / "summary.json").read_text())["backend"]
     refused = served.count("context_length")
     assert b["context_length"] == refused >= 1 and b["failed"] == 0

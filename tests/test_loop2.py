@@ -196,7 +196,7 @@ def test_ops_a_scaffold_adds_count_by_kind(tmp_path):
                    "--max-steps", "4", "--scaffold", ROOT / "tests/scaffolds/kitchen_sink", "--base-url", server.url,
                    "--model", "scripted", "--out", run)
     assert r.returncode == 0, r.stderr[-2000:]
-    counts = ev.episode_stats(ev.read_trace(next(run.glob("minihack/*/ep_3.jsonl"))))["counts"]
+    counts = ev.episode_stats(ev.read_trace(next(run.glob("minihack/*/ep_3.jsonl.gz"))))["counts"]
     assert ev.backend_health(counts)["error_rate"] == 0 and counts["requests"] > 0 and not counts["retries"]
     assert counts["writes"] == counts["log_writes"] == counts["log_searches"] == 3 and not counts["parse_errors"]
     by_phase = {}
@@ -287,8 +287,7 @@ def assert_verbatim(sft, run):
         trace, _, _ = ev.episode_paths(run, meta["env"], meta["task"], meta["seed"])
         rec = next(r for r in ev.read_trace(trace) if r["step"] == meta["step"])
         turns = rec[meta["phase"]]["turns"][:meta["turns"]]
-        sent = [turns[0]["messages"]] + [t["added"] for t in turns[1:]]
-        flat = [m for part in sent for m in part]
+        flat = rec[meta["phase"]]["messages"][:turns[-1]["input_messages"]]
         replies = [t["response"] for t in turns]
         user_side = [m for m in ex["messages"] if m["role"] != "assistant"]
         assert user_side == [m for m in flat if m["role"] != "assistant"][:len(user_side)]
@@ -314,7 +313,7 @@ def heuristic_sft(tmp_path_factory, scripted_run):
 def test_curate_heuristic(heuristic_sft, scripted_run):
     sft, run = heuristic_sft, scripted_run
     stats = json.loads((sft / "selection_stats.json").read_text())
-    routines = sum(len(ev.routines(rec)) for f in run.glob("crafter/default/*.jsonl") for rec in ev.read_trace(f))
+    routines = sum(len(ev.routines(rec)) for f in run.glob("crafter/default/*.jsonl.gz") for rec in ev.read_trace(f))
     assert stats["candidates"] == routines == 3 * (8 + 7)       # PLAN every step, LOG after the first
     decisions = [json.loads(x) for x in (sft / "review_decisions.jsonl").read_text().splitlines()]
     assert len(decisions) == routines and all(d["reason"] for d in decisions)
@@ -343,7 +342,7 @@ def test_curate_with_a_scripted_llm_judge_that_sees_whole_examples(tmp_path, scr
     assert stats["judge"] == "llm" and judged == stats["candidates"] - dropped_before > 0
     # whole examples: the full first user message (the observation in it) and every turn
     rec = ev.read_trace(scripted_run / "crafter/default/ep_1.jsonl")[5]
-    first = rec["log"]["turns"][0]["messages"][0]["content"]
+    first = rec["log"]["messages"][0]["content"]
     assert len(first) > 1500 and first in prompts[0]
     assert stats["by_phase"]["log"] > 0 and stats["by_phase"]["plan"] > 0 and not stats["below_minimum"]
     assert stats["kept"] == assert_verbatim(tmp_path / "sft", scripted_run) > 10

@@ -67,7 +67,7 @@ def call(name, **arguments):
 
 def tree_revision(parent=V0):
     return [
-        call("read_steps", path="run/crafter/default/ep_100.jsonl", step=1),
+        call("read_steps", path="run/crafter/default/ep_100.jsonl.gz", step=1),
         call("read_file", path="parent/policy.py"),
         call("write_file", path="new/policy.py", content=(parent / "policy.py").read_text() + V1_POLICY_TAIL),
         call("write_file", path="new/prompts/target.txt", content=V1_TARGET),
@@ -409,57 +409,60 @@ def test_gate_power_from_a_runs_own_variance(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def long_trace(path):
-    """A two-step trace whose PLAN response (10,000 characters) no line-based tool shows whole."""
+    """A finished two-step trace (gzipped) whose PLAN response (10,000 characters) no line-based
+    tool shows whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = ev.TraceWriter(path)
     for step in range(2):
-        turn = {"messages": [{"role": "system", "content": "SYSTEM PROMPT"},
-                             {"role": "user", "content": f"PLAN prompt {step}"}],
-                "role": "base", "response": "thinking " * 1100 + "<|ACTION|>Noop<|END|>",
+        response = "thinking " * 1100 + "<|ACTION|>Noop<|END|>"
+        messages = [{"role": "system", "content": "SYSTEM PROMPT"}, {"role": "user", "content": f"PLAN prompt {step}"},
+                    {"role": "assistant", "content": response}]
+        turn = {"role": "base", "input_messages": 2, "response": response,
                 "ops": [{"op": "SEARCH", "args": ["notes.md", "tree"], "result": "(no match)", "flags": ["empty"]},
                         {"op": "ACTION", "args": ["Noop"], "result": None}]}
         writer.write({"step": step, "observation": f"You see grass. step {step}", "log": None,
-                      "plan": {"turns": [turn], "ended": "action"},
+                      "plan": {"messages": messages, "turns": [turn], "ended": "action"},
                       "action": {"raw": "Noop", "executed": "Noop", "valid": True}, "reward": 1.0 * step,
                       "done": step == 1, "progression": 0.05 * step, "memory_diff": {"notes.md": "+ tree at 3,4"},
                       "info": {}, "tokens": {"prompt": 10, "completion": 5}})
     writer.close()
+    ev.finish_trace(path)
     return path
 
 
 def test_read_steps_shows_fields_that_lines_cut(tmp_path, base_run):
     ws = ms.Workspace(base_run, V0, tmp_path / "new")
-    real = ws.call("read_steps", {"path": "run/crafter/default/ep_100.jsonl", "step": 1})
+    real = ws.call("read_steps", {"path": "run/crafter/default/ep_100.jsonl.gz", "step": 1})
     for field in ("## step: 1", "## action", "## reward: 0.0", "## progression", "## observation", "## log",
                   "## plan", "## memory_diff", "-- turn 0 (base)", "user: MEMORY UPDATE.", "response: <|DONE|>"):
         assert field in real, field
-    scan = ws.call("read_steps", {"path": "run/crafter/default/ep_100.jsonl", "step": 0, "end": 5})
+    scan = ws.call("read_steps", {"path": "run/crafter/default/ep_100.jsonl.gz", "step": 0, "end": 5})
     assert [line.split(":")[0] for line in scan.splitlines()] == ["step 0", "step 1", "step 2"]
 
     long_trace(tmp_path / "run" / "ep_7.jsonl")
     ws = ms.Workspace(tmp_path / "run", V0, tmp_path / "new")
-    whole = ws.call("read_steps", {"path": "run/ep_7.jsonl", "step": 1})
-    assert "system: [the system prompt: field 'system']" in whole     # stored once, in step 0's line
-    assert ws.call("read_steps", {"path": "run/ep_7.jsonl", "step": 1, "fields": ["system"]}) == \
+    whole = ws.call("read_steps", {"path": "run/ep_7.jsonl.gz", "step": 1})
+    assert "system: [the system prompt: field 'system']" in whole     # the same every step: shown on request
+    assert ws.call("read_steps", {"path": "run/ep_7.jsonl.gz", "step": 1, "fields": ["system"]}) == \
         "[step 1]\n## system: SYSTEM PROMPT"
     assert "## reward: 1.0" in whole and "## progression: 0.05" in whole and "+ tree at 3,4" in whole
     assert f"[cut: {ms.FIELD_CHARS} of " in whole and "read_steps(path, 1, fields=['plan']) shows it whole" in whole
-    plan = ws.call("read_steps", {"path": "run/ep_7.jsonl", "step": 1, "fields": ["plan"]})
+    plan = ws.call("read_steps", {"path": "run/ep_7.jsonl.gz", "step": 1, "fields": ["plan"]})
     assert "<|ACTION|>Noop<|END|>" in plan and "op SEARCH(notes.md | tree) -> '(no match)' flags ['empty']" in plan
-    rest = ws.call("read_steps", {"path": "run/ep_7.jsonl", "step": 1, "fields": ["plan"], "offset": 9000})
+    rest = ws.call("read_steps", {"path": "run/ep_7.jsonl.gz", "step": 1, "fields": ["plan"], "offset": 9000})
     assert rest.count("thinking") < 300 and "<|ACTION|>Noop<|END|>" in rest
-    scan = ws.call("read_steps", {"path": "run/ep_7.jsonl", "step": 0, "end": 1})
+    scan = ws.call("read_steps", {"path": "run/ep_7.jsonl.gz", "step": 0, "end": 1})
     assert scan.splitlines()[1] == ("step 1: action 'Noop' -> Noop, reward +1.00, progression 0.050 | "
                                     "plan: SEARCH(empty), ACTION")
     with pytest.raises(ms.ToolError, match="has no step 5 .2 steps"):
-        ws.call("read_steps", {"path": "run/ep_7.jsonl", "step": 5})
+        ws.call("read_steps", {"path": "run/ep_7.jsonl.gz", "step": 5})
     with pytest.raises(ms.ToolError, match="no field 'reward_total'"):
-        ws.call("read_steps", {"path": "run/ep_7.jsonl", "step": 0, "fields": ["reward_total"]})
-    line = ws.call("read_file", {"path": "run/ep_7.jsonl"})
+        ws.call("read_steps", {"path": "run/ep_7.jsonl.gz", "step": 0, "fields": ["reward_total"]})
+    line = ws.call("read_file", {"path": "run/ep_7.jsonl.gz"})
     assert f"[line cut: {ms.LINE_CHARS} of " in line and "read trace steps with read_steps]" in line
-    hit = ws.call("grep", {"pattern": "ACTION\\|>Noop", "path": "run/ep_7.jsonl"})
+    hit = ws.call("grep", {"pattern": "ACTION\\|>Noop", "path": "run/ep_7.jsonl.gz"})
     assert hit.count("characters, from ") == 2 and all(len(h) < ms.GREP_CHARS + 80 for h in hit.splitlines())
-    big = ws.call("read_file", {"path": "run/ep_7.jsonl", "limit": 2000})
+    big = ws.call("read_file", {"path": "run/ep_7.jsonl.gz", "limit": 2000})
     assert len(big) < ms.RESULT_CHARS + 200
 
 

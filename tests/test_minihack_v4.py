@@ -29,7 +29,7 @@ def traced_episode(tmp_path, model, task, steps, two_model=False):
 
 
 def prompt(record, routine="plan"):
-    return record[routine]["turns"][0]["messages"][0]["content"]
+    return record[routine]["messages"][0]["content"]
 
 
 def is_log(body):
@@ -161,7 +161,7 @@ def test_two_model_mode_routes_memory_turns_to_the_specialist(tmp_path):
     assert [t["role"] for t in records[1]["log"]["turns"]] == ["specialist"]
     assert [t["role"] for t in records[1]["plan"]["turns"]] == ["specialist", "base"]
     assert [r["action"]["raw"] for r in records] == ["search", "search"]
-    handed = records[1]["plan"]["turns"][1]["messages"]
+    handed = records[1]["plan"]["messages"][:records[1]["plan"]["turns"][1]["input_messages"]]
     assert handed[-2]["content"] == "(memory consultation complete)" and "west" not in str(handed[1:])
     assert records[1]["memory_diff"] == {"actions_log.txt": {"appended": ["Step 0 action 'search': [auto-logged]"]}}
 

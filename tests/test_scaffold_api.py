@@ -77,7 +77,7 @@ def test_routines_of_any_name_are_traced_and_read_by_eval(kitchen):
 def test_rejection_gate_re_prompts_at_most_twice_and_repairs(kitchen):
     records, _ = kitchen
     plan = records[0]["plan"]
-    said = [m["content"] for t in plan["turns"][1:] for m in t["added"] if m["role"] == "user"]
+    said = [m["content"] for m in plan["messages"][plan["turns"][0]["input_messages"]:] if m["role"] == "user"]
     assert said == ["REJECTED: south walks into a wall. Choose another action (1 more rejections allowed).\n",
                     "REJECTED: south walks into a wall. Choose another action (0 more rejections allowed).\n"]
     assert plan["ended"] == "action after 2 rejections" and plan["turns"][2]["response"] == "<|ACTION|>Go South.<|END|>"
@@ -90,7 +90,7 @@ def test_status_block_and_visit_counts_come_from_the_observations(kitchen):
     for r, visits in zip(records, (1, 2)):   # the move south was blocked: the same tile twice
         hp = re.search(r"HP:(\d+)\((\d+)\)", r["observation"]).groups()
         status = f"STATUS: HP {hp[0]}/{hp[1]}, Dlvl 1, position {cursor(r)}, visits here {visits}\n"
-        assert status in r["plan"]["turns"][0]["messages"][1]["content"]
+        assert status in r["plan"]["messages"][1]["content"]
     visits = ops_of(records[1], "plan")[0]
     assert visits == {"op": "VISITS", "args": [], "error": None, "kind": "read",
                       "result": "you have stood here 2 time(s)"}
@@ -116,10 +116,10 @@ def test_code_prunes_after_log(kitchen):
 def test_a_conditional_plan_prompt(kitchen):
     records, _ = kitchen
     assert records[1]["action"]["executed"] == "kick" and "In what direction?" in records[2]["observation"]
-    prompt = records[2]["plan"]["turns"][0]["messages"][1]["content"]
+    prompt = records[2]["plan"]["messages"][1]["content"]
     assert prompt.startswith("ROUTINE plan, direction only (step 2). The game asks: In what direction?")
     assert records[2]["action"] == {"raw": "east", "executed": "east", "valid": True}
-    assert all(r["plan"]["turns"][0]["messages"][1]["content"].startswith(f"ROUTINE plan (step {r['step']})")
+    assert all(r["plan"]["messages"][1]["content"].startswith(f"ROUTINE plan (step {r['step']})")
                for i, r in enumerate(records) if i != 2)
 
 
@@ -135,26 +135,31 @@ def test_log_compares_with_the_observation_the_last_action_was_chosen_on(tmp_pat
         return "<|ACTION|>south<|END|>" if step < 2 else "<|ACTION|>west<|END|>"
     records, _ = run_kitchen(tmp_path, CORRIDOR, steps=4, model=model)
     told = [re.match(r"ROUTINE log \(step \d\)\. Your last action was (\w+); ([a-z ]+)\.",
-                     r["log"]["turns"][0]["messages"][1]["content"]).groups() for r in records[1:]]
+                     r["log"]["messages"][1]["content"]).groups() for r in records[1:]]
     assert [r["action"]["executed"] for r in records[:3]] == ["south", "south", "west"]
     assert [records[i]["observation"] == records[i + 1]["observation"] for i in range(3)] == [False, True, False]
     assert told == [("south", "the game changed"), ("south", "nothing changed"), ("west", "the game changed")]
 
 
-def test_the_system_prompt_is_traced_once(kitchen, tmp_path):
+def test_the_system_prompt_is_traced_once_per_routine(kitchen, tmp_path):
+    """A routine's conversation is stored once in its line, however many turns it had."""
     records, _ = kitchen
     writer = ev.TraceWriter(tmp_path / "t.jsonl")
     for r in records:
         writer.write(r)
     writer.close()
     assert ev.read_trace(tmp_path / "t.jsonl") == records
-    assert (tmp_path / "t.jsonl").read_text().count("and keep a memory of text files") == 1
+    lines = (tmp_path / "t.jsonl").read_text().splitlines()
+    assert max(len(routine["turns"]) for r in records for _, routine in ev.routines(r)) > 1
+    for line, r in zip(lines, records):
+        with_system = [name for name, routine in ev.routines(r) if routine["messages"][0]["role"] == "system"]
+        assert with_system and line.count("and keep a memory of text files") == len(with_system)
 
 
 def test_boxoban_gets_its_own_prompt_and_fallback(tmp_path, boxoban_levels):
     records, _ = run_kitchen(tmp_path, "MiniHack-Boxoban-Hard-v0", steps=2,
                              model=lambda body: "<|DONE|>" if "ROUTINE log" in json.dumps(body) else "hmm")
-    prompt = records[0]["plan"]["turns"][0]["messages"][1]["content"]
+    prompt = records[0]["plan"]["messages"][1]["content"]
     assert prompt.startswith("ROUTINE plan, Boxoban (step 0). Push every boulder (`) onto a fountain ({); ")
     assert all(r["action"] == {"raw": None, "executed": "south", "valid": False} for r in records)
     assert records[0]["plan"]["ended"] == "no_action"
@@ -548,8 +553,9 @@ def test_a_reply_is_traced_as_it_arrives_and_must_go_back_to_its_ask(tmp_path):
         play_mini(tmp_path, d, model=lambda request: seen.append(request.messages) or "Do", agents=agents)
     asked = [{"role": "user", "content": "which action?"}]
     assert seen == [asked]
-    assert agents[0]._routines["plan"]._record["turns"] == [
-        {"messages": asked, "role": "base", "response": "Do", "prompt_tokens": 0, "completion_tokens": 0,
+    traced = agents[0]._routines["plan"]._trace()
+    assert traced["messages"] == asked and traced["turns"] == [
+        {"role": "base", "input_messages": 1, "response": "Do", "prompt_tokens": 0, "completion_tokens": 0,
          "latency_s": 0.0, "error": None, "finish_reason": None}]
     with pytest.raises(dataclasses.FrozenInstanceError):
         Reply("<|ACTION|>Do<|END|>").text = "the model never said this"

@@ -9,7 +9,7 @@ import re
 import pytest
 
 import envs
-from agent import OpenAIBackend, ScriptedServer, load_scaffold, make_agent, play, run_episodes, turn_messages
+from agent import OpenAIBackend, ScriptedServer, load_scaffold, make_agent, play, run_episodes
 
 V0 = load_scaffold("v0")
 POLICY = V0.module()    # v0's functions, for the pure ones (map analysis, repair)
@@ -30,7 +30,7 @@ def is_log(body):
 
 
 def first_prompt(record, routine):
-    return record[routine]["turns"][0]["messages"][0]["content"]
+    return record[routine]["messages"][0]["content"]
 
 
 def in_order(text, *parts):
@@ -62,11 +62,11 @@ def test_a_model_that_never_ends_gets_10_log_and_10_plan_turns(tmp_path):
     # the fallback "search" is a MiniHack action here: the next LOG reports it as the previous action
     assert "Your previous action (step 0): search\n" in first_prompt(records[1], "log")
     # a turn's continuation: results, a fresh index, a reminder (LOG); results and advice (PLAN)
-    log_next = records[1]["log"]["turns"][1]["added"][0]["content"]
+    log_next = records[1]["log"]["messages"][2]["content"]
     assert log_next.startswith("Results:\n[SEARCH actions_log.txt|step]\nactions_log.txt is empty\n\n"
                                "[UPSERT strategy.txt|goal|stairs]\nerror: UPSERT is not allowed here")
     assert "Memory files now (name and number of lines):\nactions_log.txt (0 lines)\n" in log_next
-    plan_next = records[1]["plan"]["turns"][1]["added"][0]["content"]
+    plan_next = records[1]["plan"]["messages"][2]["content"]
     assert plan_next.endswith("Commit your action now with <|ACTION|>action name<|END|>, or revise your idea "
                               "and consult memory again.") and "Memory files" not in plan_next
 
@@ -78,7 +78,7 @@ def test_log_and_plan_say_what_the_authors_said_in_their_order(tmp_path):
                          "minihack", "MiniHack-Corridor-R3-v0", steps=3)
     assert records[0]["plan"]["ended"] == "no_ops" and len(records[0]["plan"]["turns"]) == 1   # fallback at once
     log, plan = first_prompt(records[2], "log"), first_prompt(records[2], "plan")
-    assert len(records[2]["log"]["turns"][0]["messages"]) == 1                  # no system message: one user message
+    assert records[2]["log"]["turns"][0]["input_messages"] == 1                  # no system message: one user message
     in_order(log, "MEMORY UPDATE. You keep the memory of an agent",
              "Your previous action (step 1): search\n\n",
              "Note: the observation is the same as before the previous action, so that action most likely had no effect.",
@@ -290,6 +290,6 @@ def test_a_specialist_reply_without_ops_is_a_plain_hand_off(tmp_path):
     records, _ = episode(tmp_path, script, "minihack", "MiniHack-Corridor-R3-v0", steps=1, two_model=True)
     turns = records[0]["plan"]["turns"]
     assert [t["role"] for t in turns] == ["specialist", "base"] and records[0]["action"]["raw"] == "west"
-    assert turn_messages(turns, 1)[-2:] == [
+    assert records[0]["plan"]["messages"][:turns[1]["input_messages"]][-2:] == [
         {"role": "assistant", "content": "<|APPEND|>strategy.txt|go east<|END|>"},
         {"role": "user", "content": V0.render("handoff", {"results": ""}).strip()}]
