@@ -697,8 +697,7 @@ def iterate(args, client):
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-def curation_parser(prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_curation_arguments(p):
     p.add_argument("--run", action="append", default=[], help="a run folder (repeatable)")
     p.add_argument("--scaffold", default=None)
     p.add_argument("--out", required=True)
@@ -708,110 +707,123 @@ def curation_parser(prog=None):
     p.add_argument("--report-seeds", default=None, help="e.g. 42-51 (default: the paper's, per game)")
     p.add_argument("--allow-report-seeds", action="store_true",
                    help="curate from episodes on the report seeds anyway")
-    return p
 
 
-def seeds_arg(p, text):
-    try:
-        return ev.parse_seeds(text)
-    except ev.UsageError as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
-
-
-def check_curation_args(p, args):
+def check_curation_args(args):
     if not args.run:
-        p.exit(2, f"{p.prog}: error: give at least one --run\n")
+        raise ev.UsageError("give at least one --run")
     if problem := ev.not_a_run(args.run):
-        p.exit(2, f"{p.prog}: error: {problem}\n")
-    report = seeds_arg(p, args.report_seeds) if args.report_seeds else None
+        raise ev.UsageError(problem)
+    report = ev.parse_seeds(args.report_seeds) if args.report_seeds else None
     if not args.allow_report_seeds and (problem := held_out_problem(args.run, {"report": report})):
-        p.exit(2, f"{p.prog}: error: {problem} or pass --allow-report-seeds\n")
+        raise ev.UsageError(f"{problem} or pass --allow-report-seeds")
     if args.judge is None:
         args.judge = "llm" if args.meta_base_url else "heuristic"
     if args.judge == "llm" and not args.meta_base_url:
-        p.exit(2, f"{p.prog}: error: the llm judge needs --meta-base-url (or use --judge heuristic)\n")
+        raise ev.UsageError("the llm judge needs --meta-base-url (or use --judge heuristic)")
     return meta_client(args.meta_base_url) if args.meta_base_url else None
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in ("seeds", "check-seeds", "iterate", "record", "recorded", "best") else None
-    rest = argv[1:] if command else argv
-    if command == "seeds":
-        p = argparse.ArgumentParser(prog="curate_sft.py seeds", description=training_seeds.__doc__)
-        p.add_argument("--n", type=int, default=100)
-        p.add_argument("--skip", type=int, default=0)
-        args = p.parse_args(rest)
-        print(",".join(map(str, training_seeds(args.n, args.skip))))
-        return 0
-    if command == "check-seeds":
-        p = argparse.ArgumentParser(prog="curate_sft.py check-seeds",
-                                    description="exit 2 (one line) when the seed sets overlap or a run holds "
-                                                "episodes on validation or report seeds")
-        p.add_argument("--env", required=True, choices=sorted(ev.PAPER_SEEDS))
-        p.add_argument("--train", required=True)
-        p.add_argument("--val", required=True)
-        p.add_argument("--report", default=None, help="default: the paper's")
-        p.add_argument("--run", action="append", default=[])
-        args = p.parse_args(rest)
-        report = seeds_arg(p, args.report) if args.report else list(ev.PAPER_SEEDS[args.env])
-        val = seeds_arg(p, args.val)
-        problem = (overlap_problem({"training": seeds_arg(p, args.train), "validation": val, "report": report})
-                   or held_out_problem(args.run, {"validation": val, "report": report}))
-        if problem:
-            p.exit(2, f"{p.prog}: error: {problem}\n")
-        return 0
-    if command == "record":
-        p = argparse.ArgumentParser(prog="curate_sft.py record", description=record.__doc__)
-        for flag in ("--ledger", "--sft", "--recipe", "--adapter", "--run"):
-            p.add_argument(flag, required=True)
-        p.add_argument("--baseline", default=None, help="the base model's run on the same seeds")
-        args = p.parse_args(rest)
-        if problem := ev.not_a_run([args.run] + ([args.baseline] if args.baseline else [])):
-            p.exit(2, f"curate_sft.py record: error: {problem}\n")
-        record(args.ledger, args.sft, args.recipe, args.adapter, args.run, args.baseline)
-        return 0
-    if command == "recorded":
-        p = argparse.ArgumentParser(prog="curate_sft.py recorded",
-                                    description="exit 0 when the ledger holds a row for the adapter, else 1")
-        p.add_argument("--ledger", required=True)
-        p.add_argument("--adapter", required=True)
-        args = p.parse_args(rest)
-        return 0 if any(r["adapter"] == str(Path(args.adapter)) for r in read_ledger(args.ledger)) else 1
-    if command == "best":
-        p = argparse.ArgumentParser(prog="curate_sft.py best", description="the adapter of the best ledger row")
-        p.add_argument("--ledger", required=True)
-        rows = read_ledger(p.parse_args(rest).ledger)
-        if not rows:
-            p.exit(2, "curate_sft.py best: error: the ledger is empty\n")
-        print(max(rows, key=overall)["adapter"])
-        return 0
-    p = curation_parser("curate_sft.py" + (f" {command}" if command else ""))
-    if command == "iterate":
-        p.add_argument("--ledger", required=True)
-        p.add_argument("--processes", type=int, default=1,
-                       help="training processes (GPUs): every config's global batch must split over them")
-        args = p.parse_args(rest)
-        if args.processes < 1:
-            p.exit(2, "curate_sft.py iterate: error: --processes must be positive\n")
-        client = check_curation_args(p, args)
-        try:
-            return iterate(args, client)
-        except ValidityError as e:
-            print(f"curate_sft.py: validity check failed, nothing more written: {e}", file=sys.stderr)
-            return 1
-    p.add_argument("--min-examples", type=int, default=300)
-    p.add_argument("--top-pct", type=float, default=100)
-    args = p.parse_args(rest)
-    client = check_curation_args(p, args)
+def curate_command(args):
+    client = check_curation_args(args)
     if not 0 < args.top_pct <= 100:
-        p.exit(2, "curate_sft.py: error: --top-pct must lie in (0, 100]\n")
+        raise ev.UsageError("--top-pct must lie in (0, 100]")
+    curate(args.run, args.out, args.judge, client, args.meta_model, args.top_pct, args.min_examples, args.scaffold)
+    return 0
+
+
+def iterate_command(args):
+    if args.processes < 1:
+        raise ev.UsageError("--processes must be positive")
+    return iterate(args, check_curation_args(args))
+
+
+def seeds_command(args):
+    print(",".join(map(str, training_seeds(args.n, args.skip))))
+    return 0
+
+
+def check_seeds_command(args):
+    report = ev.parse_seeds(args.report) if args.report else list(ev.PAPER_SEEDS[args.env])
+    val = ev.parse_seeds(args.val)
+    problem = (overlap_problem({"training": ev.parse_seeds(args.train), "validation": val, "report": report})
+               or held_out_problem(args.run, {"validation": val, "report": report}))
+    if problem:
+        raise ev.UsageError(problem)
+    return 0
+
+
+def record_command(args):
+    if problem := ev.not_a_run([args.run] + ([args.baseline] if args.baseline else [])):
+        raise ev.UsageError(problem)
+    record(args.ledger, args.sft, args.recipe, args.adapter, args.run, args.baseline)
+    return 0
+
+
+def recorded_command(args):
+    return 0 if any(r["adapter"] == str(Path(args.adapter)) for r in read_ledger(args.ledger)) else 1
+
+
+def best_command(args):
+    rows = read_ledger(args.ledger)
+    if not rows:
+        raise ev.UsageError("the ledger is empty")
+    print(max(rows, key=overall)["adapter"])
+    return 0
+
+
+COMMANDS = {"curate": curate_command, "iterate": iterate_command, "seeds": seeds_command,
+            "check-seeds": check_seeds_command, "record": record_command, "recorded": recorded_command,
+            "best": best_command}
+
+
+def build_parser():
+    """curate_sft.py's command line; `curate` when no subcommand is named."""
+    p = ev.DefaultCommandParser(prog="curate_sft.py", default_command="curate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(title="subcommands (`curate_sft.py SUBCOMMAND --help` shows its options)")
+    curate_p = sub.add_parser("curate", help="runs' memory turns -> SFT data (the default: `curate_sft.py --run R "
+                                             "...` is `curate_sft.py curate --run R ...`)")
+    add_curation_arguments(curate_p)
+    curate_p.add_argument("--min-examples", type=int, default=300)
+    curate_p.add_argument("--top-pct", type=float, default=100)
+    iterate_p = sub.add_parser("iterate", help="the training engine: the next iteration's data and LoRA configs")
+    add_curation_arguments(iterate_p)
+    iterate_p.add_argument("--ledger", required=True)
+    iterate_p.add_argument("--processes", type=int, default=1,
+                           help="training processes (GPUs): every config's global batch must split over them")
+    seeds_p = sub.add_parser("seeds", help="the authors' training-seed draw")
+    seeds_p.add_argument("--n", type=int, default=100)
+    seeds_p.add_argument("--skip", type=int, default=0)
+    check_p = sub.add_parser("check-seeds", help="exit 2 (one line) when the seed sets overlap or a run holds "
+                                                 "episodes on validation or report seeds")
+    check_p.add_argument("--env", required=True, choices=sorted(ev.PAPER_SEEDS))
+    check_p.add_argument("--train", required=True)
+    check_p.add_argument("--val", required=True)
+    check_p.add_argument("--report", default=None, help="default: the paper's")
+    check_p.add_argument("--run", action="append", default=[])
+    record_p = sub.add_parser("record", help="append a trained config's row to the ledger")
+    for flag in ("--ledger", "--sft", "--recipe", "--adapter", "--run"):
+        record_p.add_argument(flag, required=True)
+    record_p.add_argument("--baseline", default=None, help="the base model's run on the same seeds")
+    recorded_p = sub.add_parser("recorded", help="exit 0 when the ledger holds a row for the adapter, else 1")
+    recorded_p.add_argument("--ledger", required=True)
+    recorded_p.add_argument("--adapter", required=True)
+    best_p = sub.add_parser("best", help="the adapter of the best ledger row")
+    best_p.add_argument("--ledger", required=True)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
     try:
-        curate(args.run, args.out, args.judge, client, args.meta_model, args.top_pct, args.min_examples, args.scaffold)
+        return COMMANDS[args.command](args)
+    except ev.UsageError as e:
+        p.exit(2, f"curate_sft.py {args.command}: error: {e}\n")
     except ValidityError as e:
         print(f"curate_sft.py: validity check failed, nothing more written: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

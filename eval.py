@@ -15,7 +15,9 @@ Defaults are the paper's protocol (PAPER_SEEDS, PAPER_SAMPLING, envs.MAX_STEPS):
 NetHack seeds 42-46, 100,000 steps and BALROG's no-progress timeout (an episode ends after 150
 steps in a row without game time passing: envs.NO_PROGRESS_TIMEOUT),
 Qwen/Qwen2.5-32B-Instruct at temperature 1.0 with up to 4096 new tokens per reply; report.md says
-where a run departs from it. Statistics are BALROG's (`mean_se`, `overall`). A run folder
+where a run departs from it. The leaderboard statistics are BALROG's (`mean_se`, `overall`);
+beside them, stratified-bootstrap intervals and the IQM (`interval_estimates`), and `report`
+pairs runs on the same seeds (`paired_comparison`). A run folder
 holds config.json, <env>/<task>/ep_<seed>.jsonl (one self-contained JSON line per step, gzipped
 to ep_<seed>.jsonl.gz when the episode ends) and ep_<seed>.json (written when it ends),
 <env>/<task>/memory_<seed>/, summary.json and report.md. Every figure in the summary is
@@ -41,6 +43,8 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 import agent as agent_mod
 import envs
@@ -249,14 +253,15 @@ def episode_stats(records):
                 if op.get("error"):
                     c["parse_errors"] += 1
                     continue
-                if op["op"] in CONTENT_WRITES or (kind == "write" and op["op"] not in ALL_OPS):
+                wrote = "errors" not in flags   # a refused write, or a scaffold op that raised, wrote nothing
+                if wrote and (op["op"] in CONTENT_WRITES or (kind == "write" and op["op"] not in ALL_OPS)):
                     c["writes"] += 1
                     c["redundant"] += "redundant" in flags
                 if op["op"] == "SEARCH":
                     c["searches"] += 1
                     c["empty_searches"] += "empty" in flags
                 if phase == "log":   # a scaffold's own reads count as searches, as its writes count as writes
-                    c["log_writes"] += kind == "write"
+                    c["log_writes"] += kind == "write" and wrote
                     c["log_searches"] += op["op"] == "SEARCH" or (kind == "read" and op["op"] not in ALL_OPS)
     info = last.get("info", {})
     return {
@@ -323,6 +328,120 @@ def overall(per_env):
             "stderr": math.sqrt(sum(e["stderr"] ** 2 for e in per_env)) / k, "n_envs": k}
 
 
+# Interval estimates beside BALROG's mean ± SE, as the few-runs literature recommends (Agarwal et
+# al. 2021, "Deep RL at the edge of the statistical precipice", and its rliable library).
+RESAMPLES = 10_000     # bootstrap resamples of every interval
+CONFIDENCE = 0.95
+STATS_SEED = 0         # fixed, so that a report is the same every time it is made
+INTERVALS_NOTE = (f"Intervals: {CONFIDENCE * 100:g} % percentile bootstrap over episodes, stratified (each task of a game "
+                  f"resampled on its own: MiniHack's tasks, and each game), {RESAMPLES:,} resamples with seed "
+                  f"{STATS_SEED} (scipy.stats.bootstrap), expanded for few episodes (Hesterberg 2015: a plain "
+                  "percentile interval of 10 episodes covers about 91 %). IQM: the interquartile mean, the mean of the middle 50 % "
+                  "of a game's episodes (scipy.stats.trim_mean, 25 % cut at each end). Overall: the mean of the "
+                  "games' figures, as BALROG's overall.")
+
+
+def iqm(scores, axis=-1):
+    """The interquartile mean: robust to a few outlying episodes, less noisy than the median."""
+    from scipy import stats
+    return stats.trim_mean(scores, 0.25, axis=axis)
+
+
+def _over_games(statistic, strata_per_game):
+    """statistic of each game's strata pooled, averaged over the games (BALROG pools a game's
+    tasks, and its overall figure is the mean of the games'); vectorized for scipy's bootstrap."""
+    def pooled(*strata, axis=-1):
+        ends = np.cumsum([0, *strata_per_game])
+        return np.mean([statistic(np.concatenate(strata[a:b], axis=axis), axis=axis)
+                        for a, b in zip(ends[:-1], ends[1:])], axis=0)
+    return pooled
+
+
+def expanded_level(strata):
+    """The level at which a percentile interval gets CONFIDENCE coverage from few episodes: its
+    spread is the plug-in standard deviation (sqrt((n-1)/n) of the usual one) and its tails are
+    normal, so at 10 episodes a 95 % percentile interval covers about 91 %. Hesterberg's expanded
+    percentile interval (The American Statistician, 2015) widens it to a t interval's width."""
+    from scipy import stats
+    n, df = min(len(s) for s in strata), sum(len(s) for s in strata) - len(strata)
+    return float(2 * stats.norm.cdf(np.sqrt(n / (n - 1)) * stats.t.ppf((1 + CONFIDENCE) / 2, df)) - 1)
+
+
+def bootstrap_interval(strata, statistic, resamples=RESAMPLES, seed=STATS_SEED):
+    """(low, high) of the expanded percentile-bootstrap interval of statistic(*strata), each
+    stratum (an array of episode scores) resampled on its own, and why it is degenerate (None: it
+    is not). One episode in a stratum gives no interval; equal scores everywhere one of no width."""
+    from scipy import stats
+    if any(len(s) < 2 for s in strata):
+        return None, "a task with a single episode: no interval"
+    if len({float(v) for s in strata for v in s}) == 1:
+        v = float(statistic(*strata))
+        return [v, v], "every episode scored the same: the interval has no width"
+    res = stats.bootstrap(strata, statistic, n_resamples=resamples, confidence_level=expanded_level(strata),
+                          method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    return [float(x) for x in res.confidence_interval], None
+
+
+def interval_estimates(games):
+    """The mean and the IQM, each with its stratified-bootstrap interval, of episode scores given
+    as {game: [scores of each task]}: per game with one game, overall with several."""
+    strata = [np.asarray(task, dtype=float) for tasks in games.values() for task in tasks]
+    per_game = [len(tasks) for tasks in games.values()]
+    out = {}
+    for name, statistic in (("mean", np.mean), ("iqm", iqm)):
+        pooled = _over_games(statistic, per_game)
+        ci, out["degenerate"] = bootstrap_interval(strata, pooled)   # the same for both: it depends on the data
+        out.update({name: float(pooled(*strata)), f"{name}_ci": ci})
+    return out
+
+
+EXACT_UP_TO = 16       # sign-flip tests on up to 2^16 patterns are enumerated exactly
+
+
+def sign_flip_p(diffs, flips=100_000, seed=0):
+    """One-sided p-values of the paired sign-flip (permutation) test of mean > 0, one per row of
+    `diffs`. Under "A is no better than B", each paired difference is as likely positive as
+    negative, so flipping signs gives the statistic's null distribution: exact for any
+    distribution of differences (bounded, skewed and tied, as progression is) and any number of
+    seeds, where a t-test assumes normality and a percentile bootstrap is anti-conservative for
+    the 10-30 pairs a gate has. Up to EXACT_UP_TO pairs every pattern is enumerated; beyond,
+    `flips` random patterns give a valid Monte-Carlo p-value, (1 + hits) / (1 + flips)."""
+    from scipy import stats
+    d = np.atleast_2d(np.asarray(diffs, dtype=float))
+    n = d.shape[1]
+    patterns = max(flips, 2 ** n) if n <= EXACT_UP_TO else flips
+    batch = max(1, 4_000_000 // d.size)   # resampled copies of the data held at once
+    return stats.permutation_test((d,), np.mean, permutation_type="samples", vectorized=True, n_resamples=patterns,
+                                  alternative="greater", axis=-1, batch=batch, rng=np.random.default_rng(seed)).pvalue
+
+
+def probability_of_improvement(a, b):
+    """P(A > B): the chance that an episode of A scores above one of B on the same task, ties
+    counting half (the Mann-Whitney U over all pairs / pairs, as rliable)."""
+    x, y = np.expand_dims(a, -1), np.expand_dims(b, -2)
+    return np.mean((x > y) + 0.5 * (x == y), axis=(-1, -2))
+
+
+def paired_comparison(a, b):
+    """A against B on one game, from {(task, seed): score} of each, on the same episodes: the mean
+    paired difference A - B with its interval (the pairs of each task resampled on their own),
+    P(A > B) with its interval (each run's episodes of each task resampled on their own, as
+    rliable), and the gate's one-sided sign-flip p-value for A > B."""
+    tasks = sorted({t for t, _ in a})
+    keys = [[k for k in sorted(a) if k[0] == t] for t in tasks]
+    diffs = [np.array([a[k] - b[k] for k in ks]) for ks in keys]
+    runs = [np.array([run[k] for k in ks]) for ks in keys for run in (a, b)]
+    diff_ci, diff_degenerate = bootstrap_interval(diffs, _over_games(np.mean, [len(tasks)]))
+
+    def poi(*strata, axis=-1):
+        return np.mean([probability_of_improvement(x, y) for x, y in zip(strata[::2], strata[1::2])], axis=0)
+    poi_ci, poi_degenerate = bootstrap_interval(runs, poi)
+    every = np.concatenate(diffs)
+    return {"n": len(every), "diff": float(every.mean()), "diff_ci": diff_ci, "p_improvement": float(poi(*runs)),
+            "p_improvement_ci": poi_ci, "p_value": float(sign_flip_p(every)[0]),
+            "degenerate": diff_degenerate or poi_degenerate}
+
+
 def seed_ranges(numbers, sep=", "):
     """[42, 43, 44, 50] -> '42-44, 50' (loop #1's log writes them with sep=",")."""
     spans = []
@@ -374,12 +493,23 @@ def _group(stats):
     ends = {}
     for s in stats:
         ends[str(s["end_status"])] = ends.get(str(s["end_status"]), 0) + 1
-    prog = mean_se([100 * s["progression"] for s in stats])
-    return {"progression_pct": prog, "return": mean_se([s["return"] for s in stats]),
+    stats = sorted(stats, key=lambda s: s["seed"])
+    scores = [100 * s["progression"] for s in stats]
+    return {"progression_pct": mean_se(scores), "return": mean_se([s["return"] for s in stats]),
             "steps": mean_se([s["steps"] for s in stats]), "end_reasons": ends,
-            "behaviour": behaviour(counts),
-            "tokens": {"prompt": counts["prompt_tokens"], "completion": counts["completion_tokens"]},
-            "seeds": sorted(s["seed"] for s in stats)}
+            "behaviour": behaviour(counts), "cost": cost(counts),
+            "seeds": [s["seed"] for s in stats], "scores_pct": scores}
+
+
+def cost(counts):
+    """What the model was asked for: calls (one per turn), tokens in and out, tokens per step."""
+    return {"llm_calls": counts["requests"], "prompt_tokens": counts["prompt_tokens"],
+            "completion_tokens": counts["completion_tokens"], "steps": counts["steps"],
+            "tokens_per_step": _ratio(counts["prompt_tokens"] + counts["completion_tokens"], counts["steps"])}
+
+
+def task_scores(task_groups):
+    return [g["scores_pct"] for g in task_groups.values()]
 
 
 def summarize(run, on_episode=None):
@@ -405,14 +535,17 @@ def summarize(run, on_episode=None):
         all_eps = [s for eps in tasks.values() for s in eps]   # BALROG pools a game's tasks
         everything += all_eps
         ran = [(t, s["seed"]) for t, eps in tasks.items() for s in eps]
-        summary["envs"][env_name] = {**_group(all_eps),
-                                     "tasks": {t: _group(eps) for t, eps in sorted(tasks.items())},
+        task_groups = {t: _group(eps) for t, eps in sorted(tasks.items())}
+        summary["envs"][env_name] = {**_group(all_eps), "tasks": task_groups,
+                                     "intervals": interval_estimates({env_name: task_scores(task_groups)}),
                                      "protocol_differences": protocol_differences(env_name, config, ran)}
     summary["overall_progression_pct"] = overall([e["progression_pct"] for e in summary["envs"].values()])
     if everything:
         total = _group(everything)
+        summary["overall_intervals"] = interval_estimates({e: task_scores(g["tasks"])
+                                                           for e, g in summary["envs"].items()})
         summary["behaviour"] = total["behaviour"]
-        summary["tokens"] = total["tokens"]
+        summary["cost"] = total["cost"]
     unfinished = [e for e in planned_episodes(config) if not episode_paths(run, *e)[1].exists()]
     traces = [trace_file(episode_paths(run, *e)[0]) for e in unfinished]
     counts = [s["counts"] for s in everything] + [episode_stats(Trace(t))["counts"] for t in traces if t]
@@ -435,6 +568,28 @@ def _fmt(v):
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _ci(interval):
+    return "-" if interval is None else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def _intervals_text(iv):
+    """The mean and IQM with their intervals in words, and why an interval is degenerate."""
+    return (f"mean {iv['mean']:.2f} %, 95 % CI {_ci(iv['mean_ci'])}; IQM {iv['iqm']:.2f} %, 95 % CI "
+            f"{_ci(iv['iqm_ci'])}" + (f" ({iv['degenerate']})" if iv["degenerate"] else ""))
+
+
+BEHAVIOUR_NOTE = (   # what each behaviour metric means; "-" where its denominator is zero
+    "Behaviour, over the finished episodes' steps: *unproductive action rate*, the share of steps whose "
+    "action left the game state unchanged or brought it back to the state of two steps before; *redundant "
+    "write rate*, the share of memory writes whose text was already in the target file (*redundant writes*: "
+    "their number); *empty search rate*, the share of SEARCH ops that found nothing; *mean prompt tokens per "
+    "step*, the prompt tokens of all model calls of a step (the input context); *log writes per search*, "
+    "memory writes per SEARCH in the LOG routine; *invalid action rate*, the share of steps whose action was "
+    "not one of the game's (the game ran its default instead).\n\n"
+    '"-": no value, because what it is a share of never happened (no write, no SEARCH, no episode), or the '
+    "figure does not exist for that row (a paper row has no interval; one episode has none either).")
+
+
 BALROG_ROWS_NOTE = (  # specs/balrog_agents_protocol.md section 3
     "The rows marked (balrog) are BALROG leaderboard runs under BALROG's own settings, not the "
     "paper's protocol: a random seed per episode (NetHack unseeded); its 2024 naive runs at "
@@ -452,7 +607,8 @@ def report_markdown(summary):
              + ("A tiny random model proves plumbing, not skill." if model == "tiny-random" else ""), ""]
     if len(summary["envs"]) > 1:
         lines += [f"Overall: {_pct(summary['overall_progression_pct'])} % (BALROG's: the mean of the "
-                  f"{len(summary['envs'])} games' means; standard error sqrt(sum of squares) / games).", ""]
+                  f"{len(summary['envs'])} games' means; standard error sqrt(sum of squares) / games); "
+                  f"{_intervals_text(summary['overall_intervals'])}.", ""]
     for env_name, e in summary["envs"].items():
         lines += [f"## {env_name}", "", "| agent | progression % | episodes |", "| --- | --- | --- |",
                   f"| **this run** ({model}) | {_pct(e['progression_pct'])} | {e['progression_pct']['n']} |"]
@@ -464,7 +620,8 @@ def report_markdown(summary):
         lines += ["", "**Not the paper's protocol**, so not comparable with the rows above: "
                   + "; ".join(differences) + "." if differences else
                   "Protocol: the paper's (its seeds, step limit, temperature and token cap).", "",
-                  BALROG_ROWS_NOTE]
+                  BALROG_ROWS_NOTE, "", f"This run: {_intervals_text(e['intervals'])} (see the note on intervals "
+                  "at the end)."]
         if len(e["tasks"]) > 1:
             lines += ["", "| task | progression % | n | mean steps | end reasons |", "| --- | --- | --- | --- | --- |"]
             for t, g in e["tasks"].items():
@@ -476,9 +633,11 @@ def report_markdown(summary):
         lines += [f"| return (mean) | {_fmt(e['return']['mean'])} |",
                   f"| steps (mean) | {_fmt(e['steps']['mean'])} |",
                   f"| end reasons | {e['end_reasons']} |", ""]
-    if summary.get("tokens"):
-        lines.append(f"Tokens: {summary['tokens']['prompt']:,} prompt, "
-                     f"{summary['tokens']['completion']:,} completion.")
+    if summary.get("cost"):
+        c = summary["cost"]
+        lines.append(f"Cost, over the finished episodes: {c['llm_calls']:,} LLM calls, {c['prompt_tokens']:,} prompt "
+                     f"and {c['completion_tokens']:,} completion tokens, {_fmt(c['tokens_per_step'])} tokens per "
+                     f"step ({c['steps']:,} steps).")
     if summary.get("backend"):
         b = summary["backend"]
         lines += ["", f"Backend, over every episode, unfinished ones too: {b['requests']:,} requests, error "
@@ -490,20 +649,42 @@ def report_markdown(summary):
         lines += ["", f"**{len(summary['unfinished'])} episode(s) unfinished**, not scored above "
                       "(`--resume` reruns them):"]
         lines += [f"- {u['env']} {u['task']} seed {u['seed']}: {u['reason']}" for u in summary["unfinished"]]
+    if summary["envs"]:
+        lines += ["", INTERVALS_NOTE, "", BEHAVIOUR_NOTE]
     return "\n".join(lines) + "\n"
 
 
-def compare_markdown(summaries):
+def off_protocol(summary, env_name):
+    """A run's departures from the paper's protocol on one game, in one line ("": none)."""
+    return "; ".join(summary["envs"][env_name].get("protocol_differences") or [])
+
+
+def compare_markdown(summaries, pairs=None):
+    """Runs side by side: progression (BALROG's mean ± s.e., marked † off the paper's protocol),
+    its intervals, cost and behaviour; `pairs` (paired_blocks) below them."""
     envs_seen = sorted({e for s in summaries for e in s["envs"]})
     head = "| run | model | scaffold | agent | " + " | ".join(f"{e} %" for e in envs_seen) + " |"
     lines = [head, "|" + " --- |" * (4 + len(envs_seen))]
     for s in summaries:
-        cells = [_pct(s["envs"][e]["progression_pct"]) if e in s["envs"] else "-" for e in envs_seen]
+        cells = [_pct(s["envs"][e]["progression_pct"]) + " †" * bool(off_protocol(s, e)) if e in s["envs"] else "-"
+                 for e in envs_seen]
         agent_name = s.get("agent") or "?"
         if s.get("specialist"):
             agent_name += " + specialist"
         lines.append(f"| {s['run']} | {s.get('model')} | {s.get('scaffold')} | {agent_name} | "
                      + " | ".join(cells) + " |")
+    lines += ["", "| run | game | episodes | mean | 95 % CI | IQM | 95 % CI |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s in summaries:
+        rows = [(e, s["envs"][e]["intervals"], s["envs"][e]["progression_pct"]["n"]) for e in envs_seen if e in s["envs"]]
+        if len(rows) > 1:
+            rows.append(("overall", s["overall_intervals"], sum(n for _, _, n in rows)))
+        lines += [f"| {s['run']} | {e} | {n} | {iv['mean']:.2f} | {_ci(iv['mean_ci'])} | {iv['iqm']:.2f} | {_ci(iv['iqm_ci'])} |"
+                  for e, iv, n in rows]
+    lines += ["", "| run | LLM calls | prompt tokens | completion tokens | tokens per step |", "| --- | --- | --- | --- | --- |"]
+    for s in summaries:
+        c = s.get("cost", {})
+        lines.append(f"| {s['run']} | {_fmt(c.get('llm_calls'))} | {_fmt(c.get('prompt_tokens'))} | "
+                     f"{_fmt(c.get('completion_tokens'))} | {_fmt(c.get('tokens_per_step'))} |")
     lines += ["", "| run | unproductive | redundant writes | empty searches | prompt tok/step | LOG writes/SEARCH |",
               "| --- | --- | --- | --- | --- | --- |"]
     for s in summaries:
@@ -511,40 +692,111 @@ def compare_markdown(summaries):
         lines.append(f"| {s['run']} | {_fmt(b.get('unproductive_action_rate'))} | "
                      f"{_fmt(b.get('redundant_write_rate'))} | {_fmt(b.get('empty_search_rate'))} | "
                      f"{_fmt(b.get('mean_prompt_tokens_per_step'))} | {_fmt(b.get('log_writes_per_search'))} |")
+    lines += ["", *(pairs or [])]
+    flagged = [f"- † {s['run']}, {e}: not the paper's protocol, so not comparable with the paper's rows: "
+               f"{off_protocol(s, e)}." for s in summaries for e in envs_seen if e in s["envs"] and off_protocol(s, e)]
+    degenerate = [f"- {s['run']}, {e}: {s['envs'][e]['intervals']['degenerate']}." for s in summaries
+                  for e in envs_seen if e in s["envs"] and s["envs"][e]["intervals"]["degenerate"]]
+    lines += [*flagged, *degenerate, *([""] if flagged or degenerate else []), INTERVALS_NOTE, "", BEHAVIOUR_NOTE]
     return "\n".join(lines) + "\n"
 
 
+def episode_scores(summary, env_name):
+    """(task, seed) -> progression % of every finished episode of a game."""
+    return {(t, seed): score for t, g in summary["envs"][env_name]["tasks"].items()
+            for seed, score in zip(g["seeds"], g["scores_pct"])}
+
+
+def paired_blocks(summaries):
+    """The first run (A) against each other (B), game by game, where both ran the same episodes
+    (same tasks and seeds): the paired difference, P(A > B) and the gate's p; otherwise one line
+    saying why not."""
+    first, lines = summaries[0], []
+    for other in summaries[1:]:
+        rows, unpaired, notes = [], [], []
+        for env_name in sorted(set(first["envs"]) & set(other["envs"])) or [None]:
+            if env_name is None:
+                unpaired.append("they ran no game in common")
+                continue
+            a, b = episode_scores(first, env_name), episode_scores(other, env_name)
+            if set(a) != set(b):
+                unpaired.append(f"on {env_name} they ran other episodes ({_episodes_text(env_name, a)} vs "
+                                f"{_episodes_text(env_name, b)})")
+                continue
+            c = paired_comparison(a, b)
+            rows.append(f"| {env_name} | {c['n']} | {c['diff']:+.2f} | {_ci(c['diff_ci'])} | {c['p_improvement']:.2f} | "
+                        f"{_ci(c['p_improvement_ci'])} | {c['p_value']:.4f} |")
+            notes += [f"{env_name}: {c['degenerate']}."] if c["degenerate"] else []
+        if rows:
+            lines += [f"Paired: A = {first['run']} against B = {other['run']}, episode by episode on the same seeds.", "",
+                      "| game | pairs | A - B, mean | 95 % CI | P(A > B) | 95 % CI | p (A > B) |",
+                      "| --- | --- | --- | --- | --- | --- | --- |", *rows, ""]
+        if unpaired:
+            notes.append(f"{first['run']} and {other['run']} cannot be paired: {'; '.join(unpaired)}.")
+        lines += [*notes, *([""] if notes else [])]
+    return lines + ([PAIRED_NOTE, ""] if len(summaries) > 1 else [])
+
+
+PAIRED_NOTE = (
+    "Paired: A - B is the mean over episode pairs (same game, task and seed) of A's progression minus B's, in "
+    "points, with its stratified-bootstrap interval (each task's pairs resampled on their own). P(A > B), the "
+    "probability of improvement: the chance that an episode of A scores above one of B on the same task, ties "
+    "counting half (rliable's; each run's episodes resampled on their own for its interval). p: the gate's "
+    "one-sided paired sign-flip test of A > B (meta_scaffold.py gate), exact up to 16 pairs.")
+
+
 def plot_progression(summaries, out):
-    """Progression per run with standard-error bars, one panel per game, and the frontier
-    models of the BALROG leaderboard as horizontal lines (as in the paper's figure)."""
+    """Per game, top: each run's mean progression with its 95 % bootstrap interval and its IQM,
+    beside the paper's rows (BALROG's frontier models dashed, the paper's AutoMem rows dotted);
+    bottom: the score distribution, the fraction of episodes above each progression level, one
+    line per run. A run off the paper's protocol is marked † and the figure says how."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ref = json.loads(REFERENCE.read_text())["rows"]
-    frontier = [r for r in ref if r["group"].startswith("frontier")]
+    references = [(r, "--") for r in ref if r["group"].startswith("frontier")] + \
+                 [(r, ":") for r in ref if r["group"].startswith("AutoMem")]
     envs_seen = sorted({e for s in summaries for e in s["envs"]})
-    fig, axes = plt.subplots(1, len(envs_seen), figsize=(4.2 * len(envs_seen) + 1, 4.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(envs_seen), figsize=(4.6 * len(envs_seen) + 1, 8.4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, env_name in zip(axes[0], envs_seen):
+    levels = np.linspace(0, 100, 401)
+    for (ax, dist), env_name in zip(axes.T, envs_seen):
         runs = [s for s in summaries if env_name in s["envs"]]
-        means = [s["envs"][env_name]["progression_pct"]["mean"] for s in runs]
-        errs = [s["envs"][env_name]["progression_pct"]["stderr"] for s in runs]
-        x = range(len(runs))
-        bars = ax.bar(x, means, yerr=errs, capsize=4, color="#4C72B0", alpha=0.85)
+        ivs = [s["envs"][env_name]["intervals"] for s in runs]
+        means = np.array([iv["mean"] for iv in ivs])
+        cis = np.array([iv["mean_ci"] or (iv["mean"], iv["mean"]) for iv in ivs])
+        x = np.arange(len(runs))
+        bars = ax.bar(x, means, yerr=[means - cis[:, 0], cis[:, 1] - means], capsize=4, color="#4C72B0",
+                      alpha=0.85, label="mean, 95 % CI")
+        ax.scatter(x, [iv["iqm"] for iv in ivs], marker="D", color="black", zorder=3, s=18, label="IQM")
         ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=2, fontsize=8)
-        ax.set_xticks(list(x), [s["run"] for s in runs], rotation=30, ha="right", fontsize=8)
-        for i, r in enumerate(frontier):
-            ax.axhline(r[env_name][0], ls="--", lw=1, color=colors[(i + 1) % len(colors)],
-                       label=f"{r['agent']} {r[env_name][0]:.1f}")
-        top = max([m + e for m, e in zip(means, errs)] + [r[env_name][0] for r in frontier] + [1])
-        ax.set_ylim(0, top * 1.45)  # headroom: the legend sits above the reference lines
+        names = [s["run"] + " †" * bool(off_protocol(s, env_name)) for s in runs]
+        ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+        for i, (r, style) in enumerate(references):
+            color = colors[(i + 1) % len(colors)]
+            ax.axhline(r[env_name][0], ls=style, lw=1, color=color, label=f"{r['agent']} {r[env_name][0]:.1f}")
+            dist.axvline(r[env_name][0], ls=style, lw=0.8, color=color)
+        top = max([*cis[:, 1], *(r[env_name][0] for r, _ in references), 1])
+        ax.set_ylim(0, top * 1.7)  # headroom: the legend sits above the reference lines
         ax.set_title(env_name)
         ax.set_ylabel("progression (%)")
-        ax.legend(fontsize=7, loc="upper left", ncol=2, framealpha=0.9)
+        ax.legend(fontsize=6, loc="upper left", ncol=2, framealpha=0.9)
+        for k, (s, name) in enumerate(zip(runs, names)):
+            scores = np.asarray(s["envs"][env_name]["scores_pct"])
+            dist.step(levels, (scores[:, None] > levels).mean(0), where="post", color=colors[k % len(colors)],
+                      label=f"{name} ({len(scores)})")
+        dist.set_xlabel("progression level (%); reference means as vertical lines")
+        dist.set_ylabel("fraction of episodes above")
+        dist.set_ylim(0, 1.05)
+        dist.legend(fontsize=7, loc="upper right")
     models = sorted({str(s.get("model")) for s in summaries})
-    fig.suptitle("Progression (mean ± s.e.)  model: " + ", ".join(models), fontsize=10)
-    fig.tight_layout()
+    fig.suptitle("Progression: mean with 95 % stratified-bootstrap CI, IQM\nmodel: " + ", ".join(models), fontsize=10)
+    flagged = sorted({s["run"] for s in summaries for e in s["envs"] if off_protocol(s, e)})
+    if flagged:
+        fig.text(0.01, 0.005, f"† not the paper's protocol, not comparable with its rows: {', '.join(flagged)} "
+                 "(eval.py report lists how)", fontsize=8, color="darkred")
+    fig.tight_layout(rect=(0, 0.03 if flagged else 0, 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
@@ -876,28 +1128,19 @@ def run_eval(args):
     return 1 if summary["unfinished"] else 0
 
 
-def run_summarize(argv):
-    p = argparse.ArgumentParser(prog="eval.py summarize",
-                                description="summary.json and report.md of a run from its files, at any time")
-    p.add_argument("run")
-    args = p.parse_args(argv)
+def run_summarize(args):
     if problem := not_a_run([args.run]):
-        p.exit(2, f"eval.py summarize: error: {problem}\n")
+        raise UsageError(problem)
     summary = write_summary(args.run)
     print_summary(args.run, summary)
     return 1 if summary["unfinished"] else 0
 
 
-def run_report(argv):
-    p = argparse.ArgumentParser(prog="eval.py report", description="several runs side by side")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--plot", default=None, help="PNG of progression per run with s.e. bars")
-    p.add_argument("--out", default=None, help="also write the table to this markdown file")
-    args = p.parse_args(argv)
+def run_report(args):
     if problem := not_a_run(args.runs):
-        p.exit(2, f"eval.py report: error: {problem}\n")
+        raise UsageError(problem)
     summaries = [summarize(run) for run in args.runs]
-    table = compare_markdown(summaries)
+    table = compare_markdown(summaries, paired_blocks(summaries))
     print(table)
     if args.out:
         Path(args.out).write_text(table)
@@ -989,19 +1232,10 @@ def build_replay(runs, seed, task=None):
     return html.replace("__DATA__", base64.b64encode(data).decode()), panels
 
 
-def run_replay(argv):
-    p = argparse.ArgumentParser(prog="eval.py replay", description="side-by-side replay of one seed")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--task", default=None)
-    p.add_argument("--out", default=None, help="HTML file (default replay_<env>_<seed>.html)")
-    args = p.parse_args(argv)
+def run_replay(args):
     if problem := not_a_run(args.runs):
-        p.exit(2, f"eval.py replay: error: {problem}\n")
-    try:
-        html, panels = build_replay(args.runs, args.seed, args.task)
-    except UsageError as e:
-        p.exit(2, f"eval.py replay: error: {e}\n")
+        raise UsageError(problem)
+    html, panels = build_replay(args.runs, args.seed, args.task)
     out = Path(args.out or f"replay_{panels[0]['env']}_{args.seed}.html")
     out.write_text(html)
     for panel in panels:
@@ -1011,8 +1245,30 @@ def run_replay(argv):
     return 0
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+class DefaultCommandParser(argparse.ArgumentParser):
+    """A command line of subcommands, one of them implied: with none named (the first argument an
+    option, or no argument) it is `default_command`, so `eval.py --env crafter` is `eval.py run
+    --env crafter`; `--help` lists the subcommands. Sets `command` to the subcommand's name."""
+
+    def __init__(self, *args, default_command, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default_command = default_command
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if not args or args[0].startswith("-") and args[0] not in ("-h", "--help"):
+            args = [self.default_command, *args]
+        return super().parse_known_args(args, namespace)
+
+    def add_subparsers(self, **kwargs):
+        return super().add_subparsers(dest="command", parser_class=argparse.ArgumentParser, **kwargs)
+
+
+def add_run_arguments(p):
     p.add_argument("--env", required=True, help="crafter, minihack, nle or all")
     p.add_argument("--scaffold", default="v0", help="scaffolds/vN name or a scaffold folder")
     p.add_argument("--agent", default="memory",
@@ -1052,28 +1308,48 @@ def build_parser():
     p.add_argument("--unseeded", action="store_true", help="run NetHack unseeded, as BALROG does")
     p.add_argument("--autopickup", action=argparse.BooleanOptionalAction, default=True,
                    help="MiniHack autopickup (default on, the paper's setting)")
+
+
+def build_parser():
+    """eval.py's command line; `run` when no subcommand is named."""
+    p = DefaultCommandParser(prog="eval.py", default_command="run", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(title="subcommands (`eval.py SUBCOMMAND --help` shows its options)")
+    add_run_arguments(sub.add_parser("run", help="play episodes on fixed seeds into a run folder (the default: "
+                                                 "`eval.py --env crafter ...` is `eval.py run --env crafter ...`)"))
+    summarize_p = sub.add_parser("summarize", help="summary.json and report.md of a run from its files, at any time")
+    summarize_p.add_argument("run")
+    report_p = sub.add_parser("report", help="several runs side by side")
+    report_p.add_argument("runs", nargs="+")
+    report_p.add_argument("--plot", default=None, help="PNG of progression per run with s.e. bars")
+    report_p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    replay_p = sub.add_parser("replay", help="side-by-side HTML replay of one seed")
+    replay_p.add_argument("runs", nargs="+")
+    replay_p.add_argument("--seed", type=int, required=True)
+    replay_p.add_argument("--task", default=None)
+    replay_p.add_argument("--out", default=None, help="HTML file (default replay_<env>_<seed>.html)")
     return p
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "report":
-        return run_report(argv[1:])
-    if argv and argv[0] == "replay":
-        return run_replay(argv[1:])
-    if argv and argv[0] == "summarize":
-        return run_summarize(argv[1:])
-    p = build_parser()
-    args = p.parse_args(argv)
+def run_command(args):
     if args.max_new_tokens is None:
         # tiny-random babbles until the cap: a protocol-sized cap makes a smoke run take hours
         args.max_new_tokens = 32 if args.model == "tiny-random" else PAPER_SAMPLING["max_new_tokens"]
     if args.out is None:
         args.out = str(ROOT / "runs" / default_run_name(args))
+    return run_eval(args)
+
+
+COMMANDS = {"run": run_command, "summarize": run_summarize, "report": run_report, "replay": run_replay}
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
     try:
-        return run_eval(args)
+        return COMMANDS[args.command](args)
     except UsageError as e:
-        p.exit(2, f"eval.py: error: {e}\n")
+        p.exit(2, f"eval.py {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import stat
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 READ_ONLY_OPS = ("READ", "SEARCH", "TAIL", "COUNT")
@@ -239,6 +240,20 @@ class _File:
         return grown
 
 
+def line_changes(old, new):
+    """(removed, added): the lines of text `old` that `new` lacks, and the reverse, in file order
+    (counted with repeats; a line that only moved is neither)."""
+    def excess(a, b):
+        extra, out = Counter(a) - Counter(b), []
+        for line in a:
+            if extra[line] > 0:
+                extra[line] -= 1
+                out.append(line)
+        return out
+    old_lines, new_lines = old.splitlines(), new.splitlines()
+    return excess(old_lines, new_lines), excess(new_lines, old_lines)
+
+
 def name_problem(name, max_chars=64):
     """None if `name` is a valid memory file name, else the reason it is refused."""
     if not isinstance(name, str) or name == "":
@@ -420,7 +435,8 @@ class MemoryFS:
         return self._epoch
 
     def diff_since(self, mark):
-        """Per changed file: created / deleted, appended lines, replaced content, upserted keys."""
+        """Per changed file: created / deleted, appended lines, replaced content, upserted keys, and
+        for each write a scaffold op made, the lines it removed and added (`edited`)."""
         if mark != self._epoch:
             raise ValueError("diff_since takes the latest mark")
         diff = {}
@@ -435,7 +451,11 @@ class MemoryFS:
                 d.setdefault("appended", []).extend(payload)
             elif kind == "write":
                 d.pop("appended", None)
+                d.pop("edited", None)
                 d["replaced"] = payload
+            elif kind == "edit":
+                op, removed, added = payload
+                d.setdefault("edited", []).append({"op": op, "removed": removed, "added": added})
             elif kind == "upsert":
                 d.setdefault("upserted", {})[payload[0]] = payload[1]
         return diff
@@ -575,9 +595,13 @@ class MemoryFS:
         text = _universal_newlines(text)
         note = self._redundant(name, text)
         content = text + "\n" if text else ""
+        old = self._files.get(name, _File("")).text
         self._store(name, _File(content))
         self._count("bytes_written", len(content.encode()))
-        self._journal.append(("write", name, content))
+        if self._current_op in self.extra_ops:   # a scaffold op's write shows as the lines it changed
+            self._journal.append(("edit", name, (self._current_op, *line_changes(old, content))))
+        else:
+            self._journal.append(("write", name, content))
         return f"wrote {name} ({self._files[name].lines} lines){note}"
 
     def _op_create(self, name):

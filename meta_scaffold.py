@@ -118,9 +118,10 @@ META_VIEW = f"""How you see things: every tool result is cut at {RESULT_CHARS} c
 saying what was cut; when the conversation grows long, older tool results are replaced by a
 one-line note (call the tool again if you need one). A trace line is one step and too long for
 read_file: read it with read_steps, and scan a range of steps with read_steps(path, step, end).
-In a loop, two more read-only folders: loop/ (the loop's log and the gate run of every version and
-attempt, loop/gate/<version>/) and versions/ (the scaffold of every version and attempt; beside
-each, <version>.analysis.md and <version>.transcript.json). The user message lists the lineage and
+In a loop, two more read-only folders: analyses/ (the run on the analysis seeds of every version
+studied so far, analyses/<version>/; the runs that decide and report are on other seeds and never
+shown) and versions/ (the scaffold of every version and attempt; beside each, <version>.analysis.md
+and <version>.transcript.json). The user message lists the lineage and
 every rejected attempt: learn from them, do not repeat a rejected change."""
 
 
@@ -157,11 +158,11 @@ def is_trace(path):
 class Workspace:
     """The meta-LLM's file view: named roots, writes only under new/, no path escapes."""
 
-    def __init__(self, run, parent, new, loop=None, versions=None, allow_python=False):
+    def __init__(self, run, parent, new, analyses=None, versions=None, allow_python=False):
         self.roots = {"run": Path(run).resolve(), "parent": Path(parent).resolve(),
                       "code": ROOT, "new": Path(new).resolve()}
-        if loop:
-            self.roots.update(loop=Path(loop).resolve(), versions=Path(versions).resolve())
+        if analyses:   # a loop's analysis runs only: its gate and report runs stay out of view
+            self.roots.update(analyses=Path(analyses).resolve(), versions=Path(versions).resolve())
         self.allow_python = allow_python
 
     @property
@@ -559,7 +560,7 @@ def history_text(log):
             parts.append(head + f"not valid: {e['problem']}\n" + analysis)
             continue
         diff = cut(scaffold_diff(e["parent"], e["candidate"]), 3000, f"read versions/{name}/ for the rest")
-        parts.append(head + f"rejected by the {gate_line(e)}. Its gate run: loop/gate/{name}/.\n"
+        parts.append(head + f"rejected by the {gate_line(e)}.\n"
                      f"{analysis}\nDiff against its parent:\n{diff}")
     return "\n\n".join(parts)
 
@@ -808,7 +809,7 @@ def propose(args):
     shutil.copytree(parent.path, staging, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     stamp_lineage(staging, parent.name, out.name)
     log = Path(args.log).resolve() if args.log else None
-    ws = Workspace(run, parent.path, staging, loop=log and log.parent, versions=out.parent,
+    ws = Workspace(run, parent.path, staging, analyses=log and log.parent / "analysis", versions=out.parent,
                    allow_python=args.allow_python)
     user = f"Digest of the run:\n{digest(run)}"
     if log:
@@ -869,7 +870,6 @@ def propose(args):
 # "wall_s" and "wall_s_earlier" are no longer written: kept so runs made before still compare.
 GATE_FREE = ("scaffold", "scaffold_path", "scaffold_hash", "concurrency", "wall_s", "wall_s_earlier",
              "git_commit", "versions", "command")
-EXACT_UP_TO = 16           # sign-flip tests on up to 2^16 patterns are enumerated exactly
 TEST = "one-sided paired sign-flip test"
 
 
@@ -908,30 +908,9 @@ def progressions(run):
             for key in ev.finished_episodes(run)}
 
 
-def sign_flip_p(diffs, flips=100_000, seed=0):
-    """One-sided p-values of the paired sign-flip (permutation) test of mean > 0, one per row of
-    `diffs`. Under "the candidate is no better", each paired difference is as likely positive
-    as negative, so flipping signs gives the statistic's null distribution: exact for any
-    distribution of differences (bounded, skewed and tied, as progression is) and any number of
-    seeds, where a t-test assumes normality and a percentile bootstrap is anti-conservative for
-    the 10-30 pairs a gate has. Up to EXACT_UP_TO pairs every pattern is enumerated; beyond,
-    `flips` random patterns give a valid Monte-Carlo p-value, (1 + hits) / (1 + flips)."""
-    d = np.atleast_2d(np.asarray(diffs, dtype=float))
-    n = d.shape[1]
-    exact = n <= EXACT_UP_TO
-    signs = (1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1) if exact else
-             np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=(flips, n)))
-    out = np.empty(len(d))
-    for i in range(0, len(d), 64):
-        chunk = d[i:i + 64]
-        hits = (chunk @ signs.T >= chunk.sum(1, keepdims=True) - 1e-7).sum(1)
-        out[i:i + 64] = hits / len(signs) if exact else (1 + hits) / (1 + flips)
-    return out
-
-
 def describe_test(n, flips=100_000):
     return (f"{TEST}, " +
-            (f"exact over all 2^{n} sign patterns" if n <= EXACT_UP_TO else f"{flips:,} random sign patterns"))
+            (f"exact over all 2^{n} sign patterns" if n <= ev.EXACT_UP_TO else f"{flips:,} random sign patterns"))
 
 
 def gate(args):
@@ -942,7 +921,7 @@ def gate(args):
     a, b = progressions(base), progressions(cand)
     keys = sorted(a)
     diffs = np.array([100 * (b[k] - a[k]) for k in keys])
-    p = float(sign_flip_p(diffs)[0])
+    p = float(ev.sign_flip_p(diffs)[0])
     accept = p <= args.alpha
     mean_a, mean_b = 100 * np.mean([a[k] for k in keys]), 100 * np.mean([b[k] for k in keys])
     se = diffs.std(ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
@@ -1003,7 +982,7 @@ def power(args):
           + f"{'old rule':>10}")
     for n in sorted(set(args.episodes) | {len(a)}):   # this run's own size too
         draws = rng.choice(null, size=(args.sims, n))
-        rates = [float(np.mean(sign_flip_p(draws + g, flips=2000, seed=args.seed) <= args.alpha)) for g in gains]
+        rates = [float(np.mean(ev.sign_flip_p(draws + g, flips=2000, seed=args.seed) <= args.alpha)) for g in gains]
         old = float(np.mean(draws.mean(1) > 0))
         print(f"{n:>14}{rates[0]:>14.3f}" + "".join(f"{r:>15.3f}" for r in rates[1:]) + f"{old:>10.3f}")
     print("(old rule: accept whenever the candidate's mean is higher, its false-accept rate)")
@@ -1019,16 +998,33 @@ def seed_ranges(seeds):
     return ev.seed_ranges(seeds, sep=",")
 
 
-def seed_clash(gate, report):
-    """What is wrong with a loop's seeds, or None. Gate seeds share none with the report seeds (the
-    gate would select on the seeds it reports), and neither meets loop #2's training seeds (a
-    trained model would be judged on episodes it learned from)."""
-    if overlap := sorted(set(gate) & set(report)):
-        return (f"gate seeds and report seeds overlap ({seed_ranges(overlap)}): the gate would select "
-                "on the seeds it reports")
-    if trained := sorted(s for s in {*gate, *report} if s >= ev.TRAIN_SEEDS_START):
+SEED_CLASHES = {("gate", "report"): "the gate would select on the seeds it reports",
+                ("analysis", "gate"): "a revision would be gated on seeds whose traces the meta-LLM studied",
+                ("analysis", "report"): "the meta-LLM would study the seeds that are reported"}
+
+
+def seed_clash(gate, report, analysis=()):
+    """What is wrong with a loop's seeds, or None. Analysis seeds (the meta-LLM studies their
+    traces), gate seeds (revisions are decided on them) and report seeds share none, and none
+    meets loop #2's training seeds (a trained model would be judged on episodes it learned from)."""
+    seeds = {"analysis": set(analysis), "gate": set(gate), "report": set(report)}
+    for (a, b), why in SEED_CLASHES.items():
+        if overlap := sorted(seeds[a] & seeds[b]):
+            return f"{a} seeds and {b} seeds overlap ({seed_ranges(overlap)}): {why}"
+    if trained := sorted(s for s in set().union(*seeds.values()) if s >= ev.TRAIN_SEEDS_START):
         return (f"seeds {seed_ranges(trained)} are loop #2's training seeds ({ev.TRAIN_SEEDS_START} and up): "
-                f"gate and report seeds stay below {ev.TRAIN_SEEDS_START}")
+                f"analysis, gate and report seeds stay below {ev.TRAIN_SEEDS_START}")
+    return None
+
+
+def judged_seeds_shown(log, run):
+    """Why the meta-LLM may not study `run` in this loop (it holds episodes on the loop's gate or
+    report seeds: a revision would be judged on seeds whose traces it was shown), or None."""
+    began = next((e for e in read_log(log) if e["event"] == "start"), {})
+    judged = {s for key in ("gate_seeds", "report_seeds") if began.get(key) for s in ev.parse_seeds(began[key])}
+    if shown := sorted(judged & set(settings(run)["seeds"])):
+        return (f"{run} holds episodes on the loop's gate or report seeds ({seed_ranges(shown)}): the meta-LLM "
+                f"studies runs on its analysis seeds ({began.get('analysis_seeds')})")
     return None
 
 
@@ -1037,13 +1033,15 @@ def cmd_loop_state(args):
     log = Path(args.log)
     try:
         start = str(agent_mod.load_scaffold(args.start).path.resolve())
-        clash = seed_clash(ev.parse_seeds(args.gate_seeds), ev.parse_seeds(args.report_seeds))
+        clash = seed_clash(ev.parse_seeds(args.gate_seeds), ev.parse_seeds(args.report_seeds),
+                           ev.parse_seeds(args.analysis_seeds))
     except (agent_mod.ScaffoldError, ev.UsageError) as e:
         return f"{e}"
     if clash:
         return clash
     # the protocol the loop began with: a restart with other values would change it silently
-    protocol = {"scaffold": start, "gate_seeds": seed_ranges(ev.parse_seeds(args.gate_seeds)),
+    protocol = {"scaffold": start, "analysis_seeds": seed_ranges(ev.parse_seeds(args.analysis_seeds)),
+                "gate_seeds": seed_ranges(ev.parse_seeds(args.gate_seeds)),
                 "report_seeds": seed_ranges(ev.parse_seeds(args.report_seeds)), "attempts": args.attempts,
                 **dict(kv.partition("=")[::2] for kv in args.setting)}
     events = read_log(log)
@@ -1081,7 +1079,7 @@ def loop_alpha_line(events, alphas):
     return (f"False accepts: at most {a:g} per attempt, {a * attempts:g} per iteration ({attempts} attempts), "
             f"and over the loop's {iterations} iterations at most {min(1, a * attempts * iterations):g} chance "
             "of keeping at least one revision that changes nothing (a union bound; bench/gate_bench.py "
-            "measures 0.11 of loops for 5 x 3 at 0.05 / 3 on 30 gate seeds).")
+            "measures 0.12 of loops for 5 x 3 at 0.05 / 3 on 30 gate seeds).")
 
 
 def loop_report(log):
@@ -1098,24 +1096,26 @@ def loop_report(log):
                 raise ev.UsageError(problem)
         runs.append((s, gate_run, report_run))
     g0, r0 = settings(runs[0][1]), settings(runs[0][2])
-    if clash := seed_clash(g0["seeds"], r0["seeds"]):
+    analysis_seeds = ev.parse_seeds(next(e for e in events if e["event"] == "start")["analysis_seeds"])
+    if clash := seed_clash(g0["seeds"], r0["seeds"], analysis_seeds):
         raise ev.UsageError(clash)
+    studied = sorted(p.parent.name for p in (folder / "analysis").glob("*/config.json"))
     gated = [e for e in events if e["event"] == "gated"]
     accepted = {e["candidate"]: e for e in gated if e["accept"]}
     alphas = sorted({e["alpha"] for e in gated})
     lines = [f"# Loop #1: {g0['env']}, model {g0['model']}", "",
+             f"Analysis seeds {seed_ranges(analysis_seeds)}: the meta-LLM studied the traces of runs on these seeds "
+             f"only, one per version it revised ({', '.join(studied) or 'none'}: analysis/<version>/); it was shown "
+             "no trace of the gate or report runs, only each gate's result (means, difference, p).",
              f"Gate seeds {seed_ranges(g0['seeds'])} ({len(ev.planned_episodes(g0))} episodes per version): every "
              f"decision was taken on them ({TEST}, alpha {', '.join(f'{a:g}' for a in alphas) or '-'} "
              "per attempt), so their numbers are biased upward by selection.",
              loop_alpha_line(events, alphas),
-             "Limitation: the meta-LLM read the gate runs' traces and was then gated on the same seeds "
-             "(adaptive selection; a revision can fit those seeds' worlds), so the gate's alpha is optimistic; "
-             "the report seeds were never shown to it.",
              f"Report seeds {seed_ranges(r0['seeds'])} ({len(ev.planned_episodes(r0))} episodes per version): "
              "evaluated once, after the loop, for the accepted versions only. These are the numbers to report.",
              f"Attempts: {sum(e['event'] in ('gated', 'invalid') for e in events)} "
              f"({len(accepted)} accepted, {sum(not e['accept'] for e in gated)} rejected by the gate, "
-             f"{sum(e['event'] == 'invalid' for e in events)} not valid).", ""]
+             f"{sum(e['event'] == 'invalid' for e in events)} not valid).", "", *stage_costs(folder), ""]
     summaries = [(s, ev.summarize(g), ev.summarize(r)) for s, g, r in runs]
     for env_name in summaries[0][1]["envs"]:
         lines += [f"## {env_name} (progression %, mean ± s.e. (episodes), {g0['model']})", "",
@@ -1129,6 +1129,21 @@ def loop_report(log):
                          f"{_cell(rs['envs'].get(env_name, {}).get('progression_pct'))} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def stage_costs(folder):
+    """What the agent's model was asked for in each stage of a loop, over all its runs."""
+    lines = ["| stage | runs | episodes | LLM calls | prompt tokens | completion tokens | tokens per step |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for stage in ("analysis", "gate", "report"):
+        summaries = [ev.summarize(p.parent) for p in sorted((folder / stage).glob("*/config.json"))]
+        costs = [s["cost"] for s in summaries if s.get("cost")]
+        total = {k: sum(c[k] for c in costs) for k in ("llm_calls", "prompt_tokens", "completion_tokens", "steps")}
+        episodes = sum(e["progression_pct"]["n"] for s in summaries for e in s["envs"].values())
+        per_step = ev._ratio(total["prompt_tokens"] + total["completion_tokens"], total["steps"])
+        lines.append(f"| {stage} | {len(summaries)} | {episodes} | {total['llm_calls']:,} | {total['prompt_tokens']:,} | "
+                     f"{total['completion_tokens']:,} | {ev._fmt(per_step)} |")
+    return lines
 
 
 def cmd_report(args):
@@ -1188,6 +1203,7 @@ def main(argv=None):
     ps.add_argument("--log", required=True)
     ps.add_argument("--start", required=True)
     ps.add_argument("--attempts", type=int, required=True)
+    ps.add_argument("--analysis-seeds", required=True, help="the meta-LLM studies runs on these")
     ps.add_argument("--gate-seeds", required=True)
     ps.add_argument("--report-seeds", required=True)
     ps.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
@@ -1229,6 +1245,8 @@ def main(argv=None):
                   "OpenAI-compatible endpoint serving --meta-model with tool calling\n")
     if (args.iteration is None) != (args.attempt is None) or (args.iteration is not None and not args.log):
         p.exit(2, "meta_scaffold.py: error: --iteration and --attempt go together, with --log\n")
+    if args.log and (problem := judged_seeds_shown(args.log, args.run)):
+        p.exit(2, f"meta_scaffold.py: error: {problem}\n")
     return propose(args)
 
 

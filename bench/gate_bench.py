@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import meta_scaffold as ms  # noqa: E402
+import eval as ev  # noqa: E402
 
 STEP = 100 / 22   # one Crafter achievement in progression points
 
@@ -34,7 +34,7 @@ def one_loop(rng, level_gate, level_report, new, iterations=5, attempts=3):
     for _ in range(iterations):
         for _ in range(attempts):
             cand = episode(rng, levels)
-            ok = (ms.sign_flip_p(cand - best, flips=2000, seed=int(rng.integers(1 << 30)))[0] <= 0.05 / attempts
+            ok = (ev.sign_flip_p(cand - best, flips=2000, seed=int(rng.integers(1 << 30)))[0] <= 0.05 / attempts
                   if new else cand.mean() > best.mean())
             if ok:
                 best, accepted = cand, accepted + 1

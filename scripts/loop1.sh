@@ -2,10 +2,12 @@
 # Loop #1: scaffold optimisation, as a chain of eval.py and meta_scaffold.py.
 #   1. The starting scaffold is evaluated on the gate seeds, which are disjoint from the report
 #      seeds; the gate's power for that many episodes is printed, from the run's own variance.
-#   2. Per iteration, up to ATTEMPTS times: the meta-LLM revises the best version (it is given the
-#      whole lineage and every rejected attempt), the revision is evaluated on the gate seeds, and
-#      the gate keeps it only if its paired improvement is significant (one-sided sign-flip test
-#      at GATE_ALPHA per iteration, split over its attempts).
+#   2. Per iteration, up to ATTEMPTS times: the best version is evaluated on the analysis seeds
+#      (once per version), the meta-LLM studies that run and revises the best version (it is given
+#      the whole lineage and every rejected attempt, and no trace of a gate or report run), the
+#      revision is evaluated on the gate seeds, and the gate keeps it only if its paired
+#      improvement is significant (one-sided sign-flip test at GATE_ALPHA per iteration, split
+#      over its attempts).
 #   3. The chain of accepted versions is evaluated once on the report seeds; report.md puts the
 #      gate and report numbers side by side.
 # Every outcome is appended to $RUNS/loop1_log.jsonl. After a kill, run the same command again: it
@@ -17,16 +19,18 @@ cd "$(dirname "$0")/.."
 # ---- settings (each may also come from the environment) ----------------------------------------
 ENV_NAME=${ENV_NAME:-crafter}                 # crafter | minihack | nle
 TASKS=${TASKS:-}                              # e.g. "MiniHack-Corridor-R3-v0" (minihack; default all 8)
-# Report seeds are the paper's. Gate seeds are disjoint from them and from loop #2's training seeds
-# (eval.TRAIN_SEEDS_START, 1000, and up; loop-state refuses any overlap); their number is set for
-# the gate's noise: see the --power table printed at start.
+# Report seeds are the paper's. Gate seeds and analysis seeds (the meta-LLM studies runs on them)
+# are disjoint from them, from each other and from loop #2's training seeds (eval.TRAIN_SEEDS_START,
+# 1000, and up; loop-state refuses any overlap); the number of gate seeds is set for the gate's
+# noise: see the --power table printed at start. Analysis runs are as large as the paper's.
 case "$ENV_NAME" in
-  crafter)  gate_default=100-129 report_default=42-51 ;;   # 30 gate episodes
-  minihack) gate_default=100-109 report_default=42-46 ;;   # 10 per task (80 with all 8 tasks)
-  nle)      gate_default=100-119 report_default=42-46 ;;   # 20
+  crafter)  gate_default=100-129 analysis_default=200-209 report_default=42-51 ;;   # 30 gate episodes
+  minihack) gate_default=100-109 analysis_default=200-204 report_default=42-46 ;;   # 10 per task (80 with all 8 tasks)
+  nle)      gate_default=100-119 analysis_default=200-204 report_default=42-46 ;;   # 20
   *) echo "loop1.sh: ENV_NAME must be crafter, minihack or nle, not '$ENV_NAME'" >&2; exit 2 ;;
 esac
 GATE_SEEDS=${GATE_SEEDS:-$gate_default}
+ANALYSIS_SEEDS=${ANALYSIS_SEEDS:-$analysis_default}
 REPORT_SEEDS=${REPORT_SEEDS:-$report_default}
 GATE_ALPHA=${GATE_ALPHA:-0.05}                # false-accept rate per iteration (Bonferroni over attempts)
 START=${START:-v0}                            # starting scaffold
@@ -53,10 +57,11 @@ evaluate() {  # evaluate <scaffold> <run folder> <seeds>; the meta-LLM's key is 
   env -u META_API_KEY "$PYTHON" eval.py "${args[@]}"
 }
 gate_run() { echo "$RUNS/gate/$(basename "$1")"; }
+analysis_run() { echo "$RUNS/analysis/$(basename "$1")"; }
 read_state() {  # sets best, iteration, attempt, pending, chain from the log
   local state
   state=$("$PYTHON" meta_scaffold.py loop-state --log "$log" --start "$START" --attempts "$ATTEMPTS" \
-          --gate-seeds "$GATE_SEEDS" --report-seeds "$REPORT_SEEDS" --setting "alpha=$GATE_ALPHA" \
+          --analysis-seeds "$ANALYSIS_SEEDS" --gate-seeds "$GATE_SEEDS" --report-seeds "$REPORT_SEEDS" --setting "alpha=$GATE_ALPHA" \
           --setting "iterations=$ITERATIONS" --setting "env=$ENV_NAME" --setting "tasks=$TASKS" \
           --setting "model=$MODEL" --setting "base_url=$BASE_URL" --setting "max_steps=$MAX_STEPS" \
           --setting "meta_model=$META_MODEL" --setting "allow_python=$META_ALLOW_PYTHON")
@@ -83,7 +88,8 @@ while [ "$iteration" -le "$ITERATIONS" ]; do
   cand=$pending
   if [ -z "$cand" ]; then
     cand="$SCAFFOLD_DIR/$("$PYTHON" meta_scaffold.py next-version --dir "$SCAFFOLD_DIR")"
-    run_step "$PYTHON" meta_scaffold.py propose --scaffold "$best" --run "$(gate_run "$best")" --out "$cand" \
+    evaluate "$best" "$(analysis_run "$best")" "$ANALYSIS_SEEDS"
+    run_step "$PYTHON" meta_scaffold.py propose --scaffold "$best" --run "$(analysis_run "$best")" --out "$cand" \
         --iteration "$iteration" --attempt "$attempt" "${meta_args[@]}"
   fi
   if [ -d "$cand" ]; then   # not there: no valid revision this attempt (logged)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import agent as agent_mod
@@ -73,7 +74,12 @@ def test_tiny_random_end_to_end(tmp_path, boxoban_levels):
     assert mh["progression_pct"]["n"] == 4 == len(progs)
     assert mh["progression_pct"]["mean"] == pytest.approx(sum(progs) / 4)
     tokens = sum(r["tokens"]["prompt"] for p in out.glob("minihack/*/ep_*.jsonl.gz") for r in ev.read_trace(p))
-    assert summary["tokens"]["prompt"] == tokens > 0
+    turns = sum(len(r[name]["turns"]) for p in out.glob("minihack/*/ep_*.jsonl.gz") for r in ev.read_trace(p)
+                for name, _ in ev.routines(r))
+    completion = summary["cost"]["completion_tokens"]
+    assert summary["cost"] == {"llm_calls": turns, "prompt_tokens": tokens, "completion_tokens": completion,
+                               "steps": 12, "tokens_per_step": (tokens + completion) / 12}
+    assert tokens > 0 and completion > 0 and turns == summary["backend"]["requests"] > 12
     assert set(mh["tasks"]) == {"MiniHack-Corridor-R3-v0", "MiniHack-Boxoban-Hard-v0"}
     assert mh["end_reasons"] == {"truncated": 4}          # the run's step limit is the game's
     report = (out / "report.md").read_text()
@@ -131,6 +137,13 @@ def record(state, next_state, ops_log=(), ops_plan=(), prompt=10, valid=True):
 
 def op(name, *flags, error=None):
     return {"op": name, "args": [], "error": error, "result": "", **({"flags": list(flags)} if flags else {})}
+
+
+def test_writes_that_failed_are_not_counted():
+    """A refused APPEND, or a scaffold write op whose handler raised, wrote nothing."""
+    upsert = lambda *flags: {**op("UPSERT_MAP", *flags), "kind": "write"}  # noqa: E731
+    s = ev.episode_stats([record("A", "B", [op("APPEND", "errors"), upsert("errors"), op("APPEND"), upsert()])])
+    assert s["counts"]["writes"] == 2 and s["counts"]["log_writes"] == 2
 
 
 def test_behaviour_metrics_on_hand_built_traces():
@@ -194,6 +207,45 @@ def test_statistics_as_balrog_on_hand_computed_numbers(tmp_path):
     report = ev.report_markdown(s)
     assert ("| AutoMem + memory training (loop 2) (AutoMem, Qwen2.5-32B) | 51.36 ± 3.81 | paper |\n\n"
             "Protocol: the paper's (its seeds, step limit, temperature and token cap).\n\n" + balrog_note + "\n") in report
+
+
+def test_bootstrap_interval_covers_the_truth_95_percent_of_the_time():
+    """400 simulated runs of 10 Crafter-like episodes (the paper's spread: SD 10 points), and 400
+    pairs of runs on the same 10 seeds with a known difference of +5 points (each seed its own
+    level): the interval covers the true mean, and the true difference, 95 % of the time within
+    a binomial tolerance (3 SE: 0.033). A plain percentile interval covers about 91 % here."""
+    rng, sims = np.random.default_rng(0), 400
+    mean = ev._over_games(np.mean, [1])
+
+    def covers(scores, truth, seed):
+        (low, high), degenerate = ev.bootstrap_interval([scores], mean, resamples=1000, seed=seed)
+        return degenerate is None and low <= truth <= high
+    single = np.mean([covers(np.clip(rng.normal(30, 10, 10), 0, 100), 30, i) for i in range(sims)])
+    paired = []
+    for i in range(sims):
+        level = rng.normal(25, 6, 10)
+        a, b = level + 5 + rng.normal(0, 7, 10), level + rng.normal(0, 7, 10)
+        paired.append(covers(a - b, 5, i))
+    tolerance = 3 * np.sqrt(0.95 * 0.05 / sims)
+    assert abs(single - 0.95) <= tolerance and abs(np.mean(paired) - 0.95) <= tolerance, (single, np.mean(paired))
+    assert ev.expanded_level([np.zeros(10)]) == pytest.approx(0.9829, abs=1e-4)
+
+
+def test_interval_estimates_stratify_by_task_and_say_when_degenerate():
+    """The IQM of 10 episodes is the mean of the middle 6; a task of one episode gives no interval,
+    equal scores one of no width; the overall figures are the mean of the games'."""
+    iv = ev.interval_estimates({"crafter": [[0, 10, 20, 30, 40, 50, 60, 70, 80, 1000]]})
+    assert iv["mean"] == 136.0 and iv["iqm"] == 45.0 and iv["degenerate"] is None
+    assert iv["iqm_ci"][0] < 45 < iv["iqm_ci"][1] and iv["iqm_ci"][1] - iv["iqm_ci"][0] < iv["mean_ci"][1] - iv["mean_ci"][0]
+    assert ev.interval_estimates({"crafter": [[5, 5, 5]]}) == {
+        "mean": 5.0, "mean_ci": [5.0, 5.0], "iqm": 5.0, "iqm_ci": [5.0, 5.0],
+        "degenerate": "every episode scored the same: the interval has no width"}
+    one = ev.interval_estimates({"minihack": [[0, 100], [100]]})
+    assert one["mean_ci"] is None and one["degenerate"] == "a task with a single episode: no interval"
+    both = ev.interval_estimates({"crafter": [[10, 20, 30]], "minihack": [[0, 100], [100, 100]]})
+    assert both["mean"] == pytest.approx((20 + 75) / 2)
+    # every resample keeps each task's size: a task all 100 and one all 0 give a mean of exactly 50
+    assert ev.interval_estimates({"minihack": [[100, 100, 100], [0, 0, 0]]})["mean_ci"] == [50.0, 50.0]
 
 
 def test_protocol_differences_name_each_departure():
@@ -285,6 +337,22 @@ def test_bad_arguments_exit_2_with_one_line(args, message):
     assert len(lines) == 1 and message in lines[0]
 
 
+def test_help_lists_every_subcommand_and_run_is_the_default(capsys):
+    with pytest.raises(SystemExit) as shown:
+        ev.main(["--help"])
+    listed = re.findall(r"^    (\S+) ", capsys.readouterr().out.split("\nsubcommands (")[1], re.M)
+    assert shown.value.code == 0 and listed == ["run", "summarize", "report", "replay"] == list(ev.COMMANDS)
+    parse = ev.build_parser().parse_args
+    assert parse(["--env", "crafter", "--scaffold", "v3"]) == parse(["run", "--env", "crafter", "--scaffold", "v3"])
+    assert parse(["--env", "crafter"]).command == "run" and parse(["summarize", "runs/A"]).command == "summarize"
+    for argv, message in ((["bogus"], "invalid choice: 'bogus'"), ([], "required: --env"),
+                          (["report"], "required: runs"), (["summarize", "nowhere"], "nowhere is not a run folder")):
+        with pytest.raises(SystemExit) as refused:
+            ev.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert refused.value.code == 2 and err[-1].startswith("eval.py") and message in err[-1], err
+
+
 def test_unloadable_model_says_how_to_run_offline(tmp_path):
     r = run_eval(["--env", "crafter", "--model", str(tmp_path / "no-model-here"), "--out", str(tmp_path / "o")])
     assert r.returncode == 1
@@ -367,11 +435,38 @@ def test_report_and_plot(tmp_path):
     png = tmp_path / "progression.png"
     r = run_eval(["report", *runs, "--plot", str(png), "--out", str(tmp_path / "table.md")])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "| v0 | scripted | v0 | memory |" in r.stdout and "| v1 |" in r.stdout
+    assert "| v0 | scripted | v0 | memory | 0.00 ± 0.00 † |" in r.stdout and "| v1 |" in r.stdout
+    assert "| v0 | crafter | 3 | 0.00 | [0.00, 0.00] | 0.00 | [0.00, 0.00] |" in r.stdout
+    assert ("v0 and v1 cannot be paired: on crafter they ran other episodes (3 episodes, seeds 1-3 vs 3 "
+            "episodes, seeds 4-6).") in r.stdout and "| game | pairs |" not in r.stdout
+    assert "- † v1, crafter: not the paper's protocol, so not comparable with the paper's rows: at most 4 steps" in r.stdout
+    assert ev.INTERVALS_NOTE in r.stdout and ev.BEHAVIOUR_NOTE in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert r.stdout.startswith((tmp_path / "table.md").read_text())
     r = run_eval(["report", str(tmp_path / "nothing")])
     assert r.returncode == 2 and "not a run folder" in r.stderr
+
+
+def test_report_pairs_two_runs_on_the_same_seeds(tmp_path):
+    """Two tiny-random runs over the same seeds: the paired block, with the cost side by side."""
+    runs = []
+    for agent in ("memory", "naive"):
+        out = tmp_path / agent
+        r = run_eval(["--env", "crafter", "--seeds", "1-2", "--max-steps", "2", "--model", "tiny-random",
+                      "--max-new-tokens", "8", "--agent", agent, "--out", str(out)])
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append(out)
+    r = run_eval(["report", *map(str, runs)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Paired: A = memory against B = naive, episode by episode on the same seeds." in r.stdout
+    assert ("| game | pairs | A - B, mean | 95 % CI | P(A > B) | 95 % CI | p (A > B) |\n| --- | --- | --- | --- | --- | "
+            "--- | --- |\n| crafter | 2 | +0.00 | [0.00, 0.00] | 0.50 | [0.50, 0.50] | 1.0000 |") in r.stdout
+    assert "crafter: every episode scored the same: the interval has no width." in r.stdout and ev.PAIRED_NOTE in r.stdout
+    costs = [json.loads((run / "summary.json").read_text())["cost"] for run in runs]
+    assert costs[0]["llm_calls"] >= 4 and costs[1]["llm_calls"] == 4     # naive: one call a step
+    for run, c in zip(runs, costs):
+        assert (f"| {run.name} | {c['llm_calls']} | {c['prompt_tokens']} | {c['completion_tokens']} | "
+                f"{c['tokens_per_step']:.3f} |") in r.stdout
 
 
 def first_view(seed):

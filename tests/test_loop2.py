@@ -144,6 +144,18 @@ def test_curation_refuses_report_seed_episodes(tmp_path, capsys):
     assert cs.held_out_problem([run], {"report": [1, 2]}) is None
 
 
+def test_help_lists_every_subcommand_and_curate_is_the_default(capsys):
+    with pytest.raises(SystemExit) as shown:
+        cs.main(["--help"])
+    listed = re.findall(r"^    (\S+) ", capsys.readouterr().out.split("\nsubcommands (")[1], re.M)
+    assert shown.value.code == 0 and listed == list(cs.COMMANDS) and "check-seeds" in listed
+    parse = cs.build_parser().parse_args
+    assert parse(["--run", "r", "--out", "o"]) == parse(["curate", "--run", "r", "--out", "o"])
+    with pytest.raises(SystemExit) as refused:
+        cs.main(["--out", "o"])
+    assert refused.value.code == 2 and capsys.readouterr().err == "curate_sft.py curate: error: give at least one --run\n"
+
+
 def check_seeds(capsys, *args):
     """curate_sft.py check-seeds: (exit status, stderr)."""
     try:

@@ -322,6 +322,25 @@ def test_diff_since_mark(fs):
         fs.diff_since(m)
 
 
+def test_a_scaffold_ops_write_shows_as_the_lines_it_changed(fs):
+    """A scaffold op that rewrites a file (as UPSERT_MAP does) shows in the diff as the lines it
+    removed and added, per call; a line that only moved is neither; a later WRITE replaces all."""
+    def retag(key, text):   # the line starting with `key` is replaced by a new one, last
+        lines = [line for line in fs.read("map.md").splitlines() if not line.startswith(key)]
+        fs.apply("WRITE", "map.md", "\n".join(lines + [f"{key} {text}"]))
+        return "retagged"
+    fs.register("RETAG", retag, 2, "write")
+    run(fs, "<|APPEND|>map.md|(1,1): tree\n(2,2): rock\n(3,3): door<|END|>")
+    m = fs.mark()
+    run(fs, "<|RETAG|>(1,1):|water<|END|><|RETAG|>(3,3):|door<|END|>")
+    assert fs.read("map.md") == "(2,2): rock\n(1,1): water\n(3,3): door\n"
+    assert fs.diff_since(m) == {"map.md": {"edited": [
+        {"op": "RETAG", "removed": ["(1,1): tree"], "added": ["(1,1): water"]},
+        {"op": "RETAG", "removed": [], "added": []}]}}
+    run(fs, "<|WRITE|>map.md|gone<|END|>")
+    assert fs.diff_since(m) == {"map.md": {"replaced": "gone\n"}}
+
+
 def test_index_is_incremental(fs):
     run(fs, "<|APPEND|>a.md|1<|END|>")
     first = fs.file_index()

@@ -271,13 +271,13 @@ def gate(base, cand, tmp_path, *extra):
 
 
 def test_sign_flip_p_values_are_exact():
-    assert ms.sign_flip_p([5.0] * 6)[0] == 1 / 64
-    assert ms.sign_flip_p([5.0] * 4)[0] == 1 / 16          # 4 wins of 4: the old rule accepts, this does not
-    assert ms.sign_flip_p([0.0] * 8)[0] == 1.0
+    assert ev.sign_flip_p([5.0] * 6)[0] == 1 / 64
+    assert ev.sign_flip_p([5.0] * 4)[0] == 1 / 16          # 4 wins of 4: the old rule accepts, this does not
+    assert ev.sign_flip_p([0.0] * 8)[0] == 1.0
     d = np.random.default_rng(0).normal(1, 3, 11)
     brute = np.mean([np.dot(s, d) >= d.sum() - 1e-9 for s in itertools.product((-1, 1), repeat=11)])
-    assert ms.sign_flip_p(d)[0] == pytest.approx(brute)
-    p = ms.sign_flip_p([5.0] * 20)[0]                        # Monte Carlo: (1 + hits) / (1 + 100000)
+    assert ev.sign_flip_p(d)[0] == pytest.approx(brute)
+    p = ev.sign_flip_p([5.0] * 20)[0]                        # Monte Carlo: (1 + hits) / (1 + 100000)
     assert p == pytest.approx(1 / 100_001) or p == pytest.approx(2 / 100_001)   # all +: 2^-20 flips tie
 
 
@@ -292,11 +292,11 @@ def test_gate_false_accept_rate_under_the_papers_noise():
         base = crafter_noise(rng, level)
         diffs += [100 * (crafter_noise(rng, level) - base) for _ in range(5)]
     diffs = np.array(diffs)
-    accepted = ms.sign_flip_p(diffs, flips=4000) <= 0.05
+    accepted = ev.sign_flip_p(diffs, flips=4000) <= 0.05
     assert accepted.mean() <= 0.06
     assert (accepted.reshape(200, 5).sum(1) >= 2).mean() <= 0.06
     assert (diffs.mean(1) > 0).mean() >= 0.4                    # the old rule
-    assert (ms.sign_flip_p(diffs + 10, flips=4000) <= 0.05).mean() >= 0.9
+    assert (ev.sign_flip_p(diffs + 10, flips=4000) <= 0.05).mean() >= 0.9
 
 
 def test_five_noise_only_candidates_at_most_one_accepted(tmp_path):
@@ -513,8 +513,8 @@ def test_run_python_runs_without_credentials_and_stops(tmp_path, base_run, monke
 
 def loop_state(log, start, *extra):
     return subprocess.run([sys.executable, str(ROOT / "meta_scaffold.py"), "loop-state", "--log", str(log),
-                           "--start", str(start), "--attempts", "3", "--gate-seeds", "100-129",
-                           "--report-seeds", "42-51", *extra], capture_output=True, text=True)
+                           "--start", str(start), "--attempts", "3", "--analysis-seeds", "200-209",
+                           "--gate-seeds", "100-129", "--report-seeds", "42-51", *extra], capture_output=True, text=True)
 
 
 def version(folder, parent, plan_line, changes):
@@ -564,7 +564,7 @@ def test_loop_state_resumes_and_history_holds_lineage_and_rejections(tmp_path):
             "+6.00 points, one-sided p = 0.0040 (alpha 0.0166667)") in lineage
     assert "MAP NOTES: a map file." in lineage and "The agent forgot where trees were." in lineage
     assert "### v2 (iteration 2, attempt 1, parent v1): rejected by the gate 31.50 %" in rejected
-    assert "p = 0.4100" in rejected and "The agent never crafted." in rejected and "loop/gate/v2/" in rejected
+    assert "p = 0.4100" in rejected and "The agent never crafted." in rejected and "gate/" not in history
     assert "--- v1/prompts/plan.txt" in rejected and "+Always craft a table." in rejected
     assert "-# v1" in rejected and "+# v2" in rejected
     assert ("### v3 (iteration 2, attempt 2, parent v1): not valid: the scaffold does not load: policy.py "
@@ -576,7 +576,7 @@ def test_loop_state_resumes_and_history_holds_lineage_and_rejections(tmp_path):
     r = loop_state(log, v1)
     assert r.returncode == 2 and f"is a loop that began with scaffold={v0}, not {v1}" in r.stderr
     assert {k: v for k, v in ms.read_log(log)[0].items() if k != "time"} == {"event": "start", "scaffold": str(v0), "gate_seeds": "100-129",
-                                   "report_seeds": "42-51", "attempts": 3}
+                                   "analysis_seeds": "200-209", "report_seeds": "42-51", "attempts": 3}
     for changed, said in [(["--attempts", "2"], "attempts=3, not 2"), (["--gate-seeds", "100-128"], "gate_seeds=100-129, not 100-128"),
                           (["--setting", "alpha=0.1"], "alpha=None, not 0.1")]:
         r = loop_state(log, v0, *changed)
@@ -588,6 +588,11 @@ def test_loop_state_resumes_and_history_holds_lineage_and_rejections(tmp_path):
     assert r.returncode == 2 and "began with model=m, not other" in r.stderr
     r = loop_state(tmp_path / "other.jsonl", v0, "--report-seeds", "120-140")
     assert r.returncode == 2 and "overlap (120-129)" in r.stderr and not (tmp_path / "other.jsonl").exists()
+    r = loop_state(tmp_path / "other.jsonl", v0, "--analysis-seeds", "129-131")
+    assert r.returncode == 2 and ("analysis seeds and gate seeds overlap (129): a revision would be gated on seeds "
+                                  "whose traces the meta-LLM studied") in r.stderr
+    r = loop_state(tmp_path / "other.jsonl", v0, "--analysis-seeds", "50-60")
+    assert r.returncode == 2 and "analysis seeds and report seeds overlap (50-51)" in r.stderr
     r = loop_state(tmp_path / "other.jsonl", v0, "--gate-seeds", "1000-1029")
     assert r.returncode == 2 and "seeds 1000-1029 are loop #2's training seeds (1000 and up)" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "other.jsonl").exists()
@@ -614,8 +619,10 @@ def test_loop_report_puts_gate_and_report_numbers_side_by_side(tmp_path):
     assert text.startswith(f"# Loop #1: crafter, model {agent.PAPER_MODEL}")
     assert "Gate seeds 100-105 (6 episodes per version)" in text and "Report seeds 42-45 (4 episodes per version)" in text
     assert ("False accepts: at most 0.05 per attempt, 0.15 per iteration (3 attempts), and over the loop's 1 "
-            "iterations at most 0.15 chance") in text and "measures 0.11 of loops" in text
-    assert "Limitation: the meta-LLM read the gate runs' traces and was then gated on the same seeds" in text
+            "iterations at most 0.15 chance") in text and "measures 0.12 of loops" in text
+    assert ("Analysis seeds 200-209: the meta-LLM studied the traces of runs on these seeds only, one per version "
+            "it revised (none: analysis/<version>/); it was shown no trace of the gate or report runs") in text
+    assert "| gate | 2 | 12 | 0 | 12 | 12 | 2.000 |" in text and "| report | 2 | 8 | 0 | 8 | 8 | 2.000 |" in text
     rows = [line for line in text.splitlines() if line.startswith(("| v0 ", "| v1 "))]
     se = lambda pcts: ev.mean_se(pcts)["stderr"]  # noqa: E731  (BALROG's, as every report)
     assert rows[0] == f"| v0 | - | 20.00 ± {se([10, 20, 30, 20, 10, 30]):.2f} (6) | - | 25.00 ± {se([20, 20, 30, 30]):.2f} (4) |"
@@ -632,20 +639,32 @@ def test_loop_report_puts_gate_and_report_numbers_side_by_side(tmp_path):
 # The whole loop
 # ---------------------------------------------------------------------------------------------
 
+# Every proposal first looks for the gate runs' traces (gate seed 103) through each of its folders.
+GATE_TRACE = "gate/v0/crafter/default/ep_103.jsonl.gz"
+PROBES = [call("list_files", path=root) for root in ("run", "analyses", "versions", "parent", "code")] + [
+    call("read_steps", path=f"analyses/../{GATE_TRACE}", step=0), call("read_steps", path=f"loop/{GATE_TRACE}", step=0),
+    call("read_file", path=f"run/../../{GATE_TRACE}"), call("grep", pattern="Move", path="analyses/../gate")]
+for i, probe in enumerate(PROBES):
+    probe["tool_calls"][0]["id"] = f"call_probe_{i}"
+
+
 class LoopMeta:
     """The meta-LLM of a whole loop, by what it is told: with no accepted version yet it writes
     v1 (the tree target); after that, neutral revisions the gate must reject."""
 
     def __init__(self):
         self.first_messages = []      # the user message that opened each proposal
+        self.tool_results = {}        # (proposal, call id) -> what the tool answered
 
     def __call__(self, body):
         msgs = body["messages"]
         if not any(m["role"] == "assistant" for m in msgs):
             self.first_messages.append(msgs[1]["content"])
+        self.tool_results.update({(len(self.first_messages), m["tool_call_id"]): m["content"]
+                                  for m in msgs if m["role"] == "tool"})
         user = msgs[1]["content"]
         rejected = int(re.search(r"## Rejected attempts \((\d+)\)", user).group(1))
-        plan = neutral_revision(rejected) if "\n### v1: parent v0;" in user else tree_revision()
+        plan = PROBES + (neutral_revision(rejected) if "\n### v1: parent v0;" in user else tree_revision())
         return plan[min(sum(m["role"] == "assistant" for m in msgs), len(plan) - 1)]
 
 
@@ -660,6 +679,7 @@ def test_loop1_accepts_a_real_improvement_remembers_and_resumes_after_a_kill(tmp
     runs, scaffolds = tmp_path / "runs", tmp_path / "scaffolds"
     with ScriptedServer(meta) as meta_server, ScriptedServer(tree_seeker) as agent_server:
         env = dict(os.environ, ENV_NAME="crafter", GATE_SEEDS="103,104,106,108-110", REPORT_SEEDS="42-43",
+                   ANALYSIS_SEEDS="100-101",
                    MAX_STEPS="5",
                    ITERATIONS="2", ATTEMPTS="2", MODEL="scripted", BASE_URL=agent_server.url,
                    META_MODEL="scripted", META_BASE_URL=meta_server.url, META_API_KEY="sk-meta",
@@ -712,6 +732,17 @@ def test_loop1_accepts_a_real_improvement_remembers_and_resumes_after_a_kill(tmp
     assert rows[1].startswith("| v1 | v0 | 4.55 ± 0.00 (6) | +4.55 points, p = 0.0156 | ")
     assert sorted(p.name for p in (runs / "report").iterdir()) == ["v0", "v1"]
     assert not list(agent.SCAFFOLDS.glob("v[1-9]*"))                   # nothing written into the project
+    # the meta-LLM studied runs on the analysis seeds, and no tool of its reached a gate run's trace
+    assert sorted(p.name for p in (runs / "analysis").iterdir()) == ["v0", "v1"]
+    assert ("Analysis seeds 100-101: the meta-LLM studied the traces of runs on these seeds only, one per version "
+            "it revised (v0, v1: analysis/<version>/)") in report
+    assert re.search(r"\| analysis \| 2 \| 4 \| \d+ \|", report) and re.search(r"\| gate \| 4 \| 24 \| \d+ \|", report)
+    assert all("run/crafter/default/ep_100.jsonl" in m and "ep_103" not in m for m in meta.first_messages)
+    answers = {k: [meta.tool_results[(k, f"call_probe_{i}")] for i in range(len(PROBES))] for k in (1, 2, 3)}
+    for listings in (said[:5] for said in answers.values()):
+        assert not any(re.search(r"ep_1(03|04|06|08|09|10)\.json", a) for a in listings), listings
+    assert all(a.startswith("error: refused") for said in answers.values() for a in said[5:])
+    assert "v0/crafter/default/ep_100.jsonl" in answers[1][1] and "v1/crafter/default/ep_101.jsonl" in answers[3][1]
 
 
 def test_listing_and_grep_see_only_the_allowlist_and_follow_no_link(tmp_path, base_run):

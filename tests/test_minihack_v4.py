@@ -161,7 +161,8 @@ def test_two_model_mode_routes_memory_turns_to_the_specialist(tmp_path):
     assert [t["role"] for t in records[1]["log"]["turns"]] == ["specialist"]
     assert [t["role"] for t in records[1]["plan"]["turns"]] == ["specialist", "base"]
     assert [r["action"]["raw"] for r in records] == ["search", "search"]
-    handed = records[1]["plan"]["messages"][:records[1]["plan"]["turns"][1]["input_messages"]]
+    plan = records[1]["plan"]
+    handed = plan["messages"][:plan["turns"][1]["input_messages"]]
     assert handed[-2]["content"] == "(memory consultation complete)" and "west" not in str(handed[1:])
     assert records[1]["memory_diff"] == {"actions_log.txt": {"appended": ["Step 0 action 'search': [auto-logged]"]}}
 

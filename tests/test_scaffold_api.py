@@ -102,7 +102,8 @@ def test_a_map_op_writes_at_the_agents_position(kitchen):
     x, y = cursor(records[1])
     assert note == {"op": "NOTE_HERE", "args": ["start, a door east"], "error": None, "kind": "write",
                     "result": f"noted at ({x},{y})"}
-    assert records[1]["memory_diff"]["map.txt"] == {"created": True, "replaced": f"({x},{y}): start, a door east\n"}
+    assert records[1]["memory_diff"]["map.txt"] == {   # a scaffold op's write: the lines it changed
+        "created": True, "edited": [{"op": "NOTE_HERE", "removed": [], "added": [f"({x},{y}): start, a door east"]}]}
     assert ag.fs.read("map.txt") == f"({x},{y}): start, a door east\n"
 
 
