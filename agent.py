@@ -27,7 +27,6 @@ down, an episode it serves ends with `ServerDown` after its step and no queued e
 until it answers again; an episode that raises ends `Unfinished` while the others go on.
 
     python agent.py --env crafter --model tiny-random --steps 3     # a short smoke episode
-    python agent.py --bench      # steps/s 1 vs 16 episodes on a 50 ms server; HF batched tok/s
 """
 import argparse
 import contextlib
@@ -40,7 +39,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -49,15 +47,16 @@ import traceback
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from envs import PROTOCOL
 from memory_fs import ALL_OPS, MemoryFS, MemoryRefused, remove_ops
-from scaffolds import SCAFFOLDS, PolicyError, ScaffoldError, load_scaffold  # noqa: F401  (agent.load_scaffold is the entry point)
+import scaffolds
+from scaffolds import SCAFFOLDS, PolicyError, ScaffoldError  # noqa: F401  (callers catch agent.ScaffoldError)
 
 ROOT = Path(__file__).resolve().parent
 AGENTS = ("memory", "naive", "cot", "robust_naive", "robust_cot")
-PAPER_MODEL = "Qwen/Qwen2.5-32B-Instruct"
+PAPER_MODEL = PROTOCOL["model"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,6 +406,11 @@ class PolicyAgent:
         results = "\n\n".join(f"[{e['op']} {'|'.join(map(str, e['args']))}]\n{e['result']}"
                               for e in entries if e["result"] is not None)
         return Turn(reply.text, entries, results, action, tuple(actions), parsed.done)
+
+
+def load_scaffold(name_or_path):
+    """A scaffold (`scaffolds/vN/` or a folder), its policy.py checked against this episode API."""
+    return scaffolds.load_scaffold(name_or_path, (Episode, Routine, Turn, Request, Reply))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -759,8 +763,8 @@ CONNECT_TIMEOUT = 10.0   # seconds to open a connection (a live server accepts a
 
 def request_timeout(timeout):
     """The client's timeout: `timeout` s for a request, at most CONNECT_TIMEOUT of it to connect."""
-    import httpx2
-    return httpx2.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
+    import openai
+    return openai.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
 
 
 def ask_one_token(client, model):
@@ -825,7 +829,6 @@ class OpenAIBackend:
     the OS's connect timeout); `timeout` bounds the whole request."""
 
     batched = False
-    sleep = staticmethod(time.sleep)   # the waits before retries (tests record them instead)
 
     def __init__(self, base_url, model, specialist=None, api_key=None, timeout=300.0,
                  max_retries=5, backoff=1.0, max_failures=3, max_new_tokens=4096, temperature=1.0,
@@ -852,7 +855,7 @@ class OpenAIBackend:
             tries = 1 if self.failures.get(model, 0) >= self.max_failures else self.max_retries + 1
         for attempt in range(tries):
             if attempt:
-                self.sleep(self.wait_before(attempt, error))
+                time.sleep(self.wait_before(attempt, error))
             try:
                 reply = chat_reply(self.client.chat.completions.create(model=model, messages=request.messages,
                                                                        **self.sampling))
@@ -898,7 +901,7 @@ class OpenAIBackend:
 
         for attempt in range(probes):
             if attempt:
-                self.sleep(MAX_WAIT)
+                time.sleep(MAX_WAIT)
             for model in self.down():
                 with contextlib.suppress(openai.APIError, ValueError):
                     ask_one_token(self.client, model)
@@ -1277,193 +1280,12 @@ def tiny_random_path(vocab_size=2048, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# A scripted OpenAI-compatible server (real HTTP), for the bench and the tests
-# ---------------------------------------------------------------------------------------------
-
-FAULTS = ("http_500", "http_503", "http_429", "drop", "cut", "not_json", "no_choices", "no_usage", "stall",
-          "context_length")
-
-
-class ScriptedServer:
-    """Serves /v1/chat/completions on 127.0.0.1. `reply(body)` returns the assistant text, raw
-    bytes for the answer's body, a message dict (e.g. with tool_calls), an int HTTP status to
-    fail with, or one of FAULTS: an
-    HTTP error (`http_NNN`; a 429 / 503 says Retry-After `retry_after` s when that is given), a
-    dropped connection, an answer cut off mid-body, a body that is not JSON, an answer without
-    `choices` or `usage`, a stall of `stall` s (past the client's timeout) before dropping, or a
-    400 for a prompt over the context length, worded as vLLM words it. `delay` seconds are slept
-    before each answer (a stand-in for model latency). /v1/models lists `models` (answered with
-    `list_status` when it is not 200, as `transformers serve` answers 500 for a local path); with
-    `strict`, a chat request for another model gets vLLM's 404. `port` 0 picks a free one."""
-
-    def __init__(self, reply, delay=0.0, models=("scripted",), strict=False, list_status=200,
-                 stall=2.0, port=0, retry_after=None):
-        self.reply, self.delay, self.requests = reply, delay, []
-        self.models, self.strict, self.list_status, self.stall = models, strict, list_status, stall
-        self.retry_after = retry_after
-        self._lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status, payload, data=None, cut=False):
-                data = data or json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                if status in (429, 503) and server.retry_after is not None:
-                    self.send_header("Retry-After", str(server.retry_after))
-                self.end_headers()
-                self.wfile.write(data[:len(data) // 2] if cut else data)
-                if cut:
-                    self.wfile.flush()
-                    self._drop()
-
-            def _drop(self):
-                self.close_connection = True
-                with contextlib.suppress(OSError):   # the client may have gone already
-                    self.connection.shutdown(socket.SHUT_RDWR)
-
-            def do_GET(self):
-                if server.list_status != 200:
-                    return self._send(server.list_status, {"error": "Internal Server Error"})
-                self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in server.models]})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                prompt = sum(len(str(m.get("content") or "")) for m in body.get("messages", [])) // 4  # ~tokens
-                with server._lock:
-                    server.requests.append(body)
-                if server.delay:
-                    time.sleep(server.delay)
-                if server.strict and body.get("model") not in server.models:
-                    return self._send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist.",
-                                                      "type": "NotFoundError", "param": None, "code": 404}})
-                out = server.reply(body)
-                if isinstance(out, bytes):   # a raw 200 body, as a broken proxy or server sends
-                    return self._send(200, None, out)
-                if isinstance(out, int) or (isinstance(out, str) and out.startswith("http_") and out in FAULTS):
-                    status = int(str(out).removeprefix("http_"))
-                    return self._send(status, {"error": {"message": f"scripted failure {status}"}})
-                if out == "drop":
-                    return self._drop()
-                if out == "stall":
-                    time.sleep(server.stall)
-                    return self._drop()
-                if out == "not_json":
-                    return self._send(200, None, b"<html><body>502 Bad Gateway</body></html>")
-                if out == "context_length":
-                    return self._send(400, {"error": {
-                        "message": f"'max_tokens' or 'max_completion_tokens' is too large: {body.get('max_tokens')}. "
-                                   f"This model's maximum context length is {prompt} tokens and your request has "
-                                   f"{prompt} input tokens ({body.get('max_tokens')} > {prompt} - {prompt}). None",
-                        "type": "BadRequestError", "param": None, "code": 400}})
-                message = out if isinstance(out, dict) else {"role": "assistant", "content": out}
-                message.setdefault("role", "assistant")
-                completion = len(message.get("content") or "") // 4
-                answer = {
-                    "id": "chatcmpl-scripted", "object": "chat.completion", "created": int(time.time()),
-                    "model": body.get("model", "scripted"),
-                    "choices": [{"index": 0, "message": message,
-                                 "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}],
-                    "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                              "total_tokens": prompt + completion}}
-                if out in ("no_choices", "no_usage"):
-                    del answer[out.removeprefix("no_")]
-                self._send(200, answer, cut=out == "cut")
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.handle_error = lambda request, address: None   # a client that left is not news
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def serve_in_process(self):
-        """Serve from a forked process instead (as a real server is), so the client's process
-        does not share its CPU and GIL with the server. Returns the process; terminate it."""
-        import multiprocessing
-        proc = multiprocessing.get_context("fork").Process(target=self.httpd.serve_forever, daemon=True)
-        proc.start()
-        self.httpd.socket.close()  # the child owns the listening socket now
-        return proc
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-
-def _bench_episodes(n, steps, scaffold, root, counted):
-    import envs
-    agents = [make_agent("memory", envs.make_env("minihack", "MiniHack-Corridor-R3-v0", seed=i),
-                         scaffold, Path(root) / f"mem_{i}") for i in range(n)]
-    gens = [play(a.env, a, seed=i, max_steps=steps,
-                 on_step=lambda r: counted.append(r["tokens"]["completion"]))
-            for i, a in enumerate(agents)]
-    return gens, agents
-
-
-def bench():
-    scaffold = load_scaffold("v0")
-
-    def scripted(body):  # any scaffold: DONE ends a routine that allows it, ACTION commits in one that allows it
-        return "<|DONE|><|ACTION|>north<|END|>"
-
-    print("(a) memory agent (v0, MiniHack) on a local OpenAI-compatible server answering after 50 ms")
-    server = ScriptedServer(scripted, delay=0.05)
-    proc = server.serve_in_process()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            backend = OpenAIBackend(server.url, "scripted", max_retries=0)
-            rates = {}
-            for n in (1, 16):
-                gens, agents = _bench_episodes(n, 20, scaffold, f"{tmp}/{n}", [])
-                t0 = time.perf_counter()
-                steps = sum(r["steps"] for r in all_finished(run_episodes(gens, backend, concurrency=n)))
-                rates[n] = steps / (time.perf_counter() - t0)
-                for a in agents:
-                    a.close()
-                print(f"    {n:>2} concurrent episode(s): {rates[n]:7.1f} steps/s")
-            print(f"    ratio 16 vs 1: {rates[16] / rates[1]:.1f}x (target >= 12x)")
-    finally:
-        proc.terminate()
-    print("(b) tiny-random (HF, CPU), memory agent (v0, MiniHack), 8 episodes x 2 steps, up to 128 "
-          "new tokens per reply: generated tokens/s, batched vs one at a time")
-    backend = HFBackend("tiny-random", max_new_tokens=128, temperature=1.0, seed=0)
-    generate, in_llm = backend.generate, [0.0]
-
-    def timed_generate(requests):  # time spent in the model, apart from the games
-        t0 = time.perf_counter()
-        out = generate(requests)
-        in_llm[0] += time.perf_counter() - t0
-        return out
-    backend.generate = timed_generate
-    with tempfile.TemporaryDirectory() as tmp:
-        speeds = {}
-        for conc in (1, 8):
-            counted, in_llm[0] = [], 0.0
-            gens, _ = _bench_episodes(8, 2, scaffold, f"{tmp}/{conc}", counted)
-            t0 = time.perf_counter()
-            all_finished(run_episodes(gens, backend, concurrency=conc))
-            wall = time.perf_counter() - t0
-            speeds[conc] = sum(counted) / in_llm[0]
-            print(f"    concurrency {conc}: {speeds[conc]:7.1f} generated tokens/s in the model "
-                  f"({sum(counted) / wall:.1f} end to end, games included)")
-        print(f"    ratio batched vs one at a time: {speeds[8] / speeds[1]:.1f}x (target >= 3x)")
-
 
 def main(argv=None):
     import envs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", action="store_true")
     p.add_argument("--env", default="crafter", choices=envs.ENVS)
     p.add_argument("--task", default=None)
     p.add_argument("--agent", default="memory", choices=AGENTS)
@@ -1474,8 +1296,6 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args(argv)
-    if args.bench:
-        return bench()
     try:
         scaffold = load_scaffold(args.scaffold)
         env = envs.make_env(args.env, args.task, seed=args.seed)

@@ -8,7 +8,6 @@ seed (see ../shared/specs). `nle_language(obs)` is the NetHack/MiniHack text as 
 
     python envs.py --env crafter --seed 42          # instruction + first observation
     python envs.py --env minihack --task MiniHack-Corridor-R3-v0 --play
-    python envs.py --bench                          # ms per step, raw game vs ours
 """
 import argparse
 import hashlib
@@ -17,9 +16,7 @@ import math
 import os
 import random
 import re
-import statistics
 import sys
-import time
 import warnings
 from collections import defaultdict
 from functools import lru_cache
@@ -41,8 +38,10 @@ NLE_TASKS = ("NetHackChallenge-v0",)
 TASKS = {"crafter": CRAFTER_TASKS, "minihack": MINIHACK_TASKS, "nle": NLE_TASKS}
 # BALROG's step limits (env.max_steps); NetHack also ends after NO_PROGRESS_TIMEOUT steps in a row
 # without in-game time passing (BALROG's and the authors' no_progress_timeout), counted in NLEEnv.step
-MAX_STEPS = {"crafter": 2000, "minihack": 100, "nle": 100_000}
-NO_PROGRESS_TIMEOUT = 150
+# The paper's protocol in one place (data/protocol.json): step limits here, the rest in eval.py.
+PROTOCOL = json.loads((DATA_DIR / "protocol.json").read_text())
+MAX_STEPS = {game: p["max_steps"] for game, p in PROTOCOL["games"].items()}
+NO_PROGRESS_TIMEOUT = PROTOCOL["games"]["nle"]["no_progress_timeout"]
 NLE_BL_TIME = 20    # nle.nethack.NLE_BL_TIME: the in-game turn counter in blstats
 
 
@@ -769,61 +768,8 @@ class NLEEnv:
 
 
 # --------------------------------------------------------------------------------------------
-# Command line: look at a game, play it by hand, or time it
+# Command line: look at a game, or play it by hand
 # --------------------------------------------------------------------------------------------
-
-def _bench(steps):
-    """Median ms per step of the raw game and of ours (raw + text), side by side."""
-    games = [("crafter", "default"), ("minihack", "MiniHack-Corridor-R3-v0"),
-             ("nle", "NetHackChallenge-v0")]
-    print(f"{'game':<36}{'raw ms/step':>12}{'ours ms/step':>14}{'ours adds':>11}")
-    for env_name, task in games:
-        env = make_env(env_name, task, seed=0)
-        env.reset()
-        rng = random.Random(0)
-        raw_times, our_times = [], []
-        for _ in range(steps):
-            action = rng.choice(env.actions[:4] if env_name != "crafter" else env.actions[1:6])
-            t0 = time.perf_counter()
-            _, _, done, _ = env.step(action)
-            our_times.append(time.perf_counter() - t0)
-            if done:
-                env.reset()
-        # the raw game stepped alone: same actions straight into the underlying env
-        if env_name == "crafter":
-            import crafter
-            raw = crafter.Env(area=(64, 64), view=(9, 9), size=(256, 256), seed=0)
-            raw.reset()
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                raw.step(rng.randrange(1, 6))
-                raw_times.append(time.perf_counter() - t0)
-        else:
-            raw = env._env
-            raw.reset()
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                _, _, term, trunc, _ = raw.step(env._index[rng.choice(env.actions[:4])][0])
-                raw_times.append(time.perf_counter() - t0)
-                if term or trunc:
-                    raw.reset()
-        r, o = statistics.median(raw_times) * 1e3, statistics.median(our_times) * 1e3
-        print(f"{env_name + ' ' + task:<36}{r:>12.3f}{o:>14.3f}{o - r:>11.3f}")
-    print("(Crafter: most of what ours adds is BALROG's second render per step, kept for its dynamics)")
-    # the text alone, on real NetHack observations (what the 2 ms target is about)
-    env = make_env("nle", seed=0)
-    env.reset()
-    samples = []
-    for i in range(steps):
-        env.step(["north", "east", "south", "west", "search"][i % 5])
-        samples.append({k: np.array(v) for k, v in env.last_obs.items()})
-    times = []
-    for obs in samples:
-        t0 = time.perf_counter()
-        nle_hybrid(nle_language(obs), obs["tty_chars"], obs["tty_cursor"])
-        times.append(time.perf_counter() - t0)
-    print(f"NetHack text alone (nle_language + hybrid): median {statistics.median(times) * 1e3:.3f} ms")
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -831,11 +777,7 @@ def main(argv=None):
     p.add_argument("--task", default=None)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--play", action="store_true", help="type actions, see the next observation")
-    p.add_argument("--bench", action="store_true", help="median ms per step, raw vs ours")
-    p.add_argument("--bench-steps", type=int, default=300)
     args = p.parse_args(argv)
-    if args.bench:
-        return _bench(args.bench_steps)
     try:
         env = make_env(args.env, args.task, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:

@@ -8,6 +8,7 @@
     python eval.py --env all ... --shard $SLURM_ARRAY_TASK_ID/8  # one of 8 independent jobs
     python eval.py summarize runs/A                        # summary.json + report.md, at any time
     python eval.py report runs/A runs/B --plot progression.png
+    python eval.py table runs/A runs/B --out table.md     # the paper's table, a row per agent (paper_table.sh)
     python eval.py replay runs/A runs/B --seed 42 --out replay.html   # side-by-side HTML replay
 
 Defaults are the paper's protocol (PAPER_SEEDS, PAPER_SAMPLING, envs.MAX_STEPS): Crafter seeds
@@ -53,10 +54,11 @@ from memory_fs import ALL_OPS, builtin_kind
 ROOT = Path(__file__).resolve().parent
 REFERENCE = ROOT / "data" / "reference_results.json"
 CONTENT_WRITES = ("APPEND", "WRITE", "UPSERT")   # built-in writes whose text can already be in the file
-# The paper's protocol (../shared/specs/automem_reference.md section 5): report seeds per game
-# (per task for MiniHack), sampling per reply; step limits are BALROG's, in envs.MAX_STEPS.
-PAPER_SEEDS = {"crafter": range(42, 52), "minihack": range(42, 47), "nle": range(42, 47)}
-PAPER_SAMPLING = {"temperature": 1.0, "max_new_tokens": 4096}
+# The paper's protocol, read from data/protocol.json (envs.PROTOCOL): report seeds per game (per
+# task for MiniHack), sampling per reply; step limits in envs.MAX_STEPS.
+PAPER_SEEDS = {game: range(first, last + 1) for game, p in envs.PROTOCOL["games"].items()
+               for first, last in [p["report_seeds"]]}
+PAPER_SAMPLING = envs.PROTOCOL["sampling"]
 # Loop #2 collects its training traces on seeds from TRAIN_SEEDS_START up; loop #1's gate seeds and
 # the report seeds stay below it. One rule, read by both loops.
 TRAIN_SEEDS_START = 1000
@@ -195,23 +197,11 @@ def unfinished_reason(run, env_name, task, seed):
     return path.read_text().split("\n", 1)[0] if path.exists() else "not run yet, or still running"
 
 
-PLAN_KEYS = ("tasks", "seeds", "seeds_by_env")   # what planned_episodes reads
-
-
-def same_plan(a, b):
-    """Whether two configs plan the same episodes (a config written before `seeds_by_env` still
-    matches a new one of the same plan)."""
-    return set(planned_episodes(a)) == set(planned_episodes(b))
-
-
 def planned_episodes(config):
     """(env, task, seed) of every episode a run's config asks for. A game's seeds are its own
-    (`--env all` on the paper's seeds: Crafter 42-51, the others 42-46); configs written before
-    `seeds_by_env` give every game all the run's seeds."""
+    (`--env all` on the paper's seeds: Crafter 42-51, the others 42-46)."""
     by_task = {t: e for e in envs.ENVS for t in envs.TASKS[e]}
-    seeds = config.get("seeds_by_env", {})
-    return [(by_task[t], t, s) for t in config.get("tasks", [])
-            for s in seeds.get(by_task[t], config.get("seeds", []))]
+    return [(by_task[t], t, s) for t in config.get("tasks", []) for s in config["seeds_by_env"][by_task[t]]]
 
 
 def finished_episodes(run):
@@ -701,6 +691,174 @@ def compare_markdown(summaries, pairs=None):
     return "\n".join(lines) + "\n"
 
 
+# The paper's table: a row per agent, one column per game and the overall, beside the paper's rows.
+PAPER_SCAFFOLDS = {"crafter": "crafter_v5", "minihack": "minihack_v4", "nle": "nethack_v2"}   # loop #1's result per game
+PAPER_ROWS = {   # our row -> the paper's row of the same agent (data/reference_results.json)
+    "naive": "Qwen2.5-32B-Instruct sliding window",
+    "cot": "Qwen2.5-32B-Instruct sliding window + chain-of-thought",
+    "v0": "AutoMem v0 (memory-as-file-system)",
+    "+ scaffold opt.": "AutoMem + scaffold opt. (loop 1)",
+    "+ memory training": "AutoMem + memory training (loop 2)",
+}
+
+
+def table_row(summary):
+    """The table row a run belongs to: BALROG's agents by name; AutoMem by scaffold, a game's
+    converged scaffold (PAPER_SCAFFOLDS) being '+ scaffold opt.' and, with a specialist,
+    '+ memory training'; any other scaffold under its own name."""
+    if summary.get("agent") != "memory":
+        return summary.get("agent") or "?"
+    converged = summary.get("scaffold") in PAPER_SCAFFOLDS.values()
+    if summary.get("specialist"):
+        return "+ memory training" if converged else f"{summary.get('scaffold')} + specialist"
+    return "+ scaffold opt." if converged else summary.get("scaffold") or "?"
+
+
+def table_rows(summaries):
+    """{row: {game: summary}} in the paper's order, then any other row; a game twice in a row is
+    an error (which run would the cell show?)."""
+    rows = {}
+    for s in summaries:
+        cells = rows.setdefault(table_row(s), {})
+        for env_name in s["envs"]:
+            if env_name in cells:
+                raise UsageError(f"two runs give row {table_row(s)!r} its {env_name} cell: "
+                                 f"{cells[env_name]['run']} and {s['run']}")
+            cells[env_name] = s
+    order = list(PAPER_ROWS)
+    return dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def protocol_episodes(env_name):
+    """How many episodes the paper's protocol plays on a game (every task, every report seed)."""
+    return len(envs.TASKS[env_name]) * len(PAPER_SEEDS[env_name])
+
+
+COST_KEYS = ("llm_calls", "prompt_tokens", "completion_tokens", "steps")
+
+
+def projected_cost(c, env_name):
+    """One game's calls and tokens on the paper's protocol, from a run's per-step rates: rate x the
+    game's step limit x the protocol's episodes. An upper bound: episodes that end early (death,
+    a solved task, NetHack's no-progress timeout) take fewer steps."""
+    steps = envs.MAX_STEPS[env_name] * protocol_episodes(env_name)
+    return {**{k: c[k] / c["steps"] * steps if c["steps"] else None for k in COST_KEYS[:3]}, "steps": steps}
+
+
+def _add(costs):
+    return {k: None if any(c[k] is None for c in costs) else sum(c[k] for c in costs) for k in COST_KEYS}
+
+
+def _num(v):
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def table_markdown(summaries):
+    """The paper's table from run summaries: one row per agent (table_row), one column per game and
+    the overall (BALROG's mean ± SE; † off the paper's protocol), each row followed by the paper's
+    number for it, BALROG's leaderboard below; the same rows' bootstrap intervals and IQM; then the
+    LLM calls and tokens each row took, and, for rows run off the protocol (a pilot), those
+    projected to the protocol."""
+    ref = json.loads(REFERENCE.read_text())["rows"]
+    rows = table_rows(summaries)
+    games = list(envs.ENVS)
+    models = sorted({str(s.get("model")) for s in summaries})
+    head = "| agent | model | " + " | ".join(f"{g} %" for g in games) + " | overall % |"
+    lines = ["# The paper's table", "",
+             f"Model{'s' * (len(models) > 1)}: **{', '.join(models)}**. Progression in %, mean ± standard error "
+             "over episodes (BALROG's statistics: a game's tasks pooled; overall: the mean of the games' means, "
+             f"SE sqrt(sum SE²) / games). Each row is followed by the paper's number for it ({agent_mod.PAPER_MODEL})."
+             + (" **A tiny random model proves plumbing, not skill.**" if "tiny-random" in models else ""), "",
+             head, "|" + " --- |" * (len(games) + 3)]
+    flagged = {}
+    for name, cells in rows.items():
+        row_models = sorted({str(s.get("model")) + (f" + specialist {s['specialist']}" if s.get("specialist") else "")
+                             for s in cells.values()})
+        texts = []
+        for g in games:
+            if g not in cells:
+                texts.append("-")
+                continue
+            differences = off_protocol(cells[g], g)
+            if differences:
+                flagged.setdefault(f"{g}: {differences}", []).append(name)
+            texts.append(_pct(cells[g]["envs"][g]["progression_pct"]) + " †" * bool(differences))
+        whole = overall([cells[g]["envs"][g]["progression_pct"] for g in games]) if set(games) <= set(cells) else None
+        lines.append(f"| **{name}** | {', '.join(row_models)} | " + " | ".join(texts) + f" | {_pct(whole) if whole else '-'} |")
+        paper = next((r for r in ref if r["agent"] == PAPER_ROWS.get(name)), None)
+        if paper:
+            lines.append(f"| paper: {paper['agent']} | {agent_mod.PAPER_MODEL} | "
+                         + " | ".join(_pct(_ref(paper[g])) for g in games) + f" | {_pct(_ref_overall(paper, games))} |")
+    lines += ["", "BALROG's leaderboard, as the paper quotes it (BALROG's own settings, not the paper's protocol):", "",
+              "| model | " + " | ".join(f"{g} %" for g in games) + " | overall % |", "|" + " --- |" * (len(games) + 2)]
+    for r in ref:
+        if "(balrog)" in r["group"]:
+            lines.append(f"| {r['agent']} | " + " | ".join(_pct(_ref(r[g])) for g in games)
+                         + f" | {_pct(_ref_overall(r, games))} |")
+    if flagged:
+        lines += ["", "† Not the paper's protocol, so not comparable with the paper's numbers:"]
+        lines += [f"- {text} ({', '.join(names)})" for text, names in flagged.items()]
+    lines += ["", "## Intervals", "", "The mean and the IQM of each cell above, each with its 95 % stratified-bootstrap "
+              "interval (the paper's rows have none).", "",
+              "| agent | " + " | ".join(f"{g} %" for g in games) + " | overall % |", "|" + " --- |" * (len(games) + 2)]
+    degenerate = {}
+    for name, cells in rows.items():
+        estimates = {g: cells[g]["envs"][g]["intervals"] for g in games if g in cells}
+        if set(games) <= set(cells):
+            estimates["overall"] = interval_estimates({g: task_scores(cells[g]["envs"][g]["tasks"]) for g in games})
+        for where, iv in estimates.items():
+            if iv["degenerate"]:
+                degenerate.setdefault(iv["degenerate"], []).append(f"{name} {where}")
+        lines.append(f"| {name} | " + " | ".join(_interval_cell(estimates.get(g)) for g in [*games, "overall"]) + " |")
+    lines += [""] * bool(degenerate) + [f"- ‡ {reason}: {', '.join(where)}" for reason, where in degenerate.items()]
+    lines += ["", INTERVALS_NOTE]
+    lines += ["", "## Cost", "", "LLM calls (one per model turn), tokens and steps of each row's finished episodes.", "",
+              "| agent | game | LLM calls | prompt tokens | completion tokens | steps |", "| --- | --- | --- | --- | --- | --- |"]
+    projections = []
+    for name, cells in rows.items():
+        spent = {g: s["envs"][g]["cost"] for g, s in cells.items()}
+        projected = {g: projected_cost(c, g) for g, c in spent.items()}
+        lines += _cost_lines(name, spent)
+        if any(off_protocol(s, g) for g, s in cells.items()):
+            projections += _cost_lines(name, projected)
+    if projections:
+        limits = ", ".join(f"{g} {protocol_episodes(g)} x {envs.MAX_STEPS[g]:,}" for g in games)
+        lines += ["", "Projected to the paper's protocol, for the rows run off it (a pilot: e.g. --max-steps 50): each "
+                  "game's calls and tokens per step in this run x its step limit x the protocol's episodes "
+                  f"(episodes x steps: {limits}). An upper bound on steps: episodes that end early (death, a solved "
+                  "task, NetHack's no-progress timeout) take fewer. Tokens per step are the pilot's: a memory "
+                  "scaffold's prompts grow with its files over a long episode, and a pilot with a smaller "
+                  "--max-new-tokens than the protocol's 4096 writes shorter replies.", "",
+                  "| agent | game | LLM calls | prompt tokens | completion tokens | steps |",
+                  "| --- | --- | --- | --- | --- | --- |", *projections]
+    unfinished = [s for s in summaries if s.get("unfinished")]
+    if unfinished:
+        lines += ["", "Unfinished episodes, not scored (rerun paper_table.sh, or eval.py --resume, to finish them):"]
+        lines += [f"- {table_row(s)} ({s['run']}): {len(s['unfinished'])}" for s in unfinished]
+    lines += ["", "Runs: " + "; ".join(f"{table_row(s)}: {s['run']}" for s in summaries) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _interval_cell(iv):
+    """A row's mean and IQM with their intervals ("-": no runs there); ‡ marks a degenerate interval."""
+    return "-" if iv is None else (f"{iv['mean']:.2f} {_ci(iv['mean_ci'])}; IQM {iv['iqm']:.2f} {_ci(iv['iqm_ci'])}"
+                                   + " ‡" * bool(iv["degenerate"]))
+
+
+def _cost_lines(name, per_game):
+    """A row's cost lines: one per game, and their sum when there are several."""
+    lines = [(g, c) for g, c in per_game.items()] + ([("all", _add(list(per_game.values())))] if len(per_game) > 1 else [])
+    return [f"| {name} | {g} | " + " | ".join(_num(c[k]) for k in COST_KEYS) + " |" for g, c in lines]
+
+
+def _ref(pair):
+    return {"mean": pair[0], "stderr": pair[1]}
+
+
+def _ref_overall(row, games):
+    return overall([_ref(row[g]) for g in games])
+
+
 def episode_scores(summary, env_name):
     """(task, seed) -> progression % of every finished episode of a game."""
     return {(t, seed): score for t, g in summary["envs"][env_name]["tasks"].items()
@@ -930,7 +1088,9 @@ def prepare_run(args, scaffold, jobs, shared):
             raise UsageError(f"{out} already holds a run: pass --resume to continue it, or another --out")
         prev = json.loads(old.read_text())
         # processes of one run must also plan the same episodes, or their shares would not add up
-        keys = RESUME_KEYS + (PLAN_KEYS if shared and not same_plan(prev, config) else ())
+        keys = RESUME_KEYS + (("tasks", "seeds", "seeds_by_env") if shared else ())
+        if config["agent"] != "memory":   # BALROG's agents use no scaffold: a changed one changes nothing
+            keys = tuple(k for k in keys if k != "scaffold_hash")
         changed = [k for k in keys if prev.get(k) != config.get(k)]
         if changed:
             raise UsageError(f"{'--resume' if args.resume else 'this process'}: {out} was run with other "
@@ -1047,16 +1207,18 @@ def run_eval(args):
     out, config = prepare_run(args, scaffold, jobs, shared=processes > 1)
     from tqdm import tqdm
 
-    backend = load_backend(args)     # before anything is written: a failed load leaves no run
-    config["sampling"] = backend.sampling    # what the run sets; a server gets exactly these
-    if not args.base_url:   # HF: the model's own settings, and what generate receives from both
-        config["model_generation_config"] = backend.model_generation_config
-        config["generate_kwargs"] = backend.generate_kwargs()
+    done = set(finished_episodes(out))
+    mine = [j for j in mine if j not in done]
+    backend = None
+    if mine or not (out / "config.json").exists():   # a finished run resumed needs no model
+        backend = load_backend(args)     # before anything is written: a failed load leaves no run
+        config["sampling"] = backend.sampling    # what the run sets; a server gets exactly these
+        if not args.base_url:   # HF: the model's own settings, and what generate receives from both
+            config["model_generation_config"] = backend.model_generation_config
+            config["generate_kwargs"] = backend.generate_kwargs()
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):   # the first process of the run writes it
         write_json(out / "config.json", config, replace=False)
-    done = set(finished_episodes(out))
-    mine = [j for j in mine if j not in done]
     for j in mine:   # a rerun's stale reasons go; the episodes' ends write them anew
         error_path(out, *j).unlink(missing_ok=True)
     show = int(os.environ.get("RANK", 0)) == 0 and bool(mine)
@@ -1147,6 +1309,17 @@ def run_report(args):
     if args.plot:
         plot_progression(summaries, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def run_table(args):
+    if problem := not_a_run(args.runs):
+        raise UsageError(problem)
+    table = table_markdown([{**summarize(run), "run": str(run)} for run in args.runs])
+    print(table)
+    if args.out:
+        write_text(args.out, table)
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -1306,7 +1479,8 @@ def add_run_arguments(p):
     p.add_argument("--gpus-per-process", type=int, default=None, help="HF: GPUs each process spreads the "
                    "model over (default: the machine's GPUs split evenly among its processes)")
     p.add_argument("--unseeded", action="store_true", help="run NetHack unseeded, as BALROG does")
-    p.add_argument("--autopickup", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--autopickup", action=argparse.BooleanOptionalAction,
+                   default=envs.PROTOCOL["games"]["minihack"]["autopickup"],
                    help="MiniHack autopickup (default on, the paper's setting)")
 
 
@@ -1323,6 +1497,9 @@ def build_parser():
     report_p.add_argument("runs", nargs="+")
     report_p.add_argument("--plot", default=None, help="PNG of progression per run with s.e. bars")
     report_p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    table_p = sub.add_parser("table", help="the paper's table from runs (scripts/paper_table.sh)")
+    table_p.add_argument("runs", nargs="+", help="run folders: a row's runs are told apart by agent, scaffold and specialist")
+    table_p.add_argument("--out", default=None, help="also write the table to this markdown file")
     replay_p = sub.add_parser("replay", help="side-by-side HTML replay of one seed")
     replay_p.add_argument("runs", nargs="+")
     replay_p.add_argument("--seed", type=int, required=True)
@@ -1340,7 +1517,8 @@ def run_command(args):
     return run_eval(args)
 
 
-COMMANDS = {"run": run_command, "summarize": run_summarize, "report": run_report, "replay": run_replay}
+COMMANDS = {"run": run_command, "summarize": run_summarize, "report": run_report, "table": run_table,
+            "replay": run_replay}
 
 
 def main(argv=None):

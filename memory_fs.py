@@ -12,18 +12,12 @@ one line long. Symbolic links are never followed, writes are atomic (temp file +
 the whole memory is cached in RAM (it is small by limit), so a SEARCH never re-reads the disk and
 `file_index()` is kept up to date incrementally. The folder belongs to one MemoryFS while it
 runs: edits made to it from outside are not seen.
-
-    python memory_fs.py --bench     # SEARCH on 100,000 lines and file_index() over 200 files
 """
-import argparse
 import errno
 import functools
 import os
 import re
 import stat
-import statistics
-import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -646,65 +640,3 @@ class MemoryFS:
 
     def _op_action(self, action):
         return f"action committed: {action}"
-
-
-# ----------------------------------------------------------------------------------------------
-
-def _median_ms(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def bench(repeat=30):
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        fs = MemoryFS(tmp, max_file_bytes=10**8, max_total_bytes=10**9, max_files=1000)
-        words = ["tree", "stone", "water", "cow", "zombie", "coal", "iron", "table"]
-        lines = [f"step {i}: saw {words[i % 8]} at ({i % 64}, {i * 7 % 64}); Diamond" if i % 997 == 0
-                 else f"step {i}: saw {words[i % 8]} at ({i % 64}, {i * 7 % 64})"
-                 for i in range(100_000)]
-        fs.write("log.md", "\n".join(lines))
-        data = fs.read("log.md")
-        op = parse_ops("<|SEARCH|>log.md|diamond<|END|>").ops[0]
-        assert "containing 'diamond'" in fs.execute(op)
-        ours = _median_ms(lambda: fs.execute(op), repeat)
-        floor = _median_ms(lambda: "diamond" in data.lower(), repeat)
-        print(f"SEARCH, 100,000-line file ({len(data) / 1e6:.1f} MB), ~100 hits:"
-              f" {ours:.3f} ms median; floor (str.lower() + in over the same text):"
-              f" {floor:.3f} ms; ratio {ours / floor:.2f}x (target <= 3x)")
-    with tempfile.TemporaryDirectory() as tmp:
-        fs = MemoryFS(tmp, max_files=1000)
-        for i in range(200):
-            fs.write(f"file_{i:03d}.md", "a line\n" * (i % 17 + 1))
-        fs.file_index()
-        cached = _median_ms(fs.file_index, 1000)
-        op = parse_ops("<|APPEND|>file_007.md|one more line<|END|>").ops[0]
-
-        def after_write():
-            fs.execute(op)
-            return fs.file_index()
-        t_write = _median_ms(lambda: fs.execute(op), 200)
-        rebuilt = _median_ms(after_write, 200) - t_write
-        print(f"file_index(), 200 files: {cached:.4f} ms median when unchanged, "
-              f"{max(rebuilt, 0):.4f} ms to rebuild after a write (target < 1 ms)")
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", action="store_true", help="time SEARCH and file_index()")
-    p.add_argument("--repeat", type=int, default=30)
-    args = p.parse_args(argv)
-    if not args.bench:
-        p.print_help()
-        return 0
-    bench(args.repeat)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -42,6 +42,7 @@ import numpy as np
 
 import agent as agent_mod
 import eval as ev
+from scaffolds import policy_line
 
 ROOT = Path(__file__).resolve().parent
 CODE_FILES = ("agent.py", "memory_fs.py", "envs.py", "eval.py", "README.md")
@@ -611,13 +612,26 @@ class SmokeStop(Exception):
     """Ends a smoke episode early: with a problem, or None once every op has been called."""
 
 
-def smoke_reply(listed, arity, action):
-    """The scripted model of the smoke episodes: one reply that calls every op the scaffold
-    lists (placeholder arguments), commits `action` and ends with DONE. A routine runs the ops
-    it allows and refuses the others, so each routine that runs calls all of its ops."""
-    calls = [f"<|{op}|>" + "|".join(SMOKE_ARGS.get(op, ["smoke"] * arity[op])) + ("<|END|>" if arity[op] else "")
-             for op in listed if op not in ("ACTION", "DONE")]
-    return "\n".join(calls + [f"<|ACTION|>{action}<|END|>", "<|DONE|>"])
+class SmokeModel:
+    """The scripted model of the smoke episodes, in process: every reply calls each op the
+    scaffold lists (placeholder arguments), commits `actions` in turn and ends with DONE. A
+    routine runs the ops it allows and refuses the others, so each routine that runs calls all of
+    its ops. Like a backend without a specialist, it answers a specialist turn with an error."""
+
+    batched = True     # run_episodes hands it each round's requests together
+
+    def __init__(self, listed, arity):
+        self.calls = [f"<|{op}|>" + "|".join(SMOKE_ARGS.get(op, ["smoke"] * arity[op])) + ("<|END|>" if arity[op] else "")
+                      for op in listed if op not in ("ACTION", "DONE")]
+        self.actions, self.turns = (), itertools.count()
+
+    def reply(self):
+        action = self.actions[next(self.turns) % 2]
+        return "\n".join(self.calls + [f"<|ACTION|>{action}<|END|>", "<|DONE|>"])
+
+    def generate(self, requests):
+        return [agent_mod.Reply(self.reply(), finish_reason="stop") if r.role == "base"
+                else agent_mod.Reply("", error="no specialist model configured") for r in requests]
 
 
 def smoke(scaffold_dir, games):
@@ -634,15 +648,11 @@ def smoke(scaffold_dir, games):
     arity = {**ARITY, **{op: spec["arity"] for op, spec in scaffold.module().get("OPS", {}).items()}}
     wanted = {(routine, op) for routine, ops in scaffold.config["ops"].items() for op in ops}
     listed = sorted({op for _, op in wanted})
-    called, turns = set(), itertools.count()
-    model = {}
-    server = agent_mod.ScriptedServer(lambda body: smoke_reply(
-        listed, arity, model["actions"][next(turns) % 2]))
-    with server, tempfile.TemporaryDirectory() as tmp:
-        backend = agent_mod.OpenAIBackend(server.url, "smoke", max_retries=0, timeout=60)
+    called, model = set(), SmokeModel(listed, arity)
+    with tempfile.TemporaryDirectory() as tmp:
         for env_name, task in games:
             env = envs.make_env(env_name, task, seed=0)
-            model["actions"] = (env.default_action, "not an action")
+            model.actions = (env.default_action, "not an action")
             agent = agent_mod.make_agent("memory", env, scaffold, Path(tmp) / env_name)
             steps = []
 
@@ -659,15 +669,17 @@ def smoke(scaffold_dir, games):
                 if wanted <= called and len(steps) >= 2:
                     raise SmokeStop(None)
             try:
-                result = agent_mod.run_episodes([agent_mod.play(env, agent, 0, on_step, SMOKE_STEPS)], backend)[0]
+                result = agent_mod.run_episodes([agent_mod.play(env, agent, 0, on_step, SMOKE_STEPS)], model)[0]
                 if isinstance(result, agent_mod.Unfinished):
                     raise result.error   # what ended the episode, for the handlers below
             except SmokeStop as stop:
                 if stop.args[0]:
                     return stop.args[0]
             except Exception as e:
+                line = policy_line(e, scaffold.path / "policy.py")
+                where = f"policy.py:{line}: " if line else ""
                 return (f"the smoke episode on {task or env_name} failed at step {len(steps)}: "
-                        f"{policy_line(e, scaffold)}{type(e).__name__}: {e}")
+                        f"{where}{type(e).__name__}: {e}")
             finally:
                 agent.close()
     missing = sorted(wanted - called)
@@ -678,16 +690,6 @@ def smoke(scaffold_dir, games):
                 + ". scaffold.json's ops are keyed by routine name, and each routine must run within "
                   f"the first {SMOKE_STEPS} steps")
     return None
-
-
-def policy_line(error, scaffold):
-    """'policy.py:N: ' for the deepest frame of the scaffold's policy in an error's traceback."""
-    tb, line = error.__traceback__, None
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == str(scaffold.path / "policy.py"):
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    return f"policy.py:{line}: " if line else ""
 
 
 def validate(new_dir, parent_dir, games):
@@ -865,11 +867,9 @@ def propose(args):
 # ---------------------------------------------------------------------------------------------
 
 # config.json keys in which a base and a candidate may differ: the scaffold, and facts about how
-# a run went rather than what it measured (throughput, time, the code's commit and package
+# a run went rather than what it measured (throughput, the code's commit and package
 # versions: a loop may commit its scaffolds between runs). Every other key must be equal.
-# "wall_s" and "wall_s_earlier" are no longer written: kept so runs made before still compare.
-GATE_FREE = ("scaffold", "scaffold_path", "scaffold_hash", "concurrency", "wall_s", "wall_s_earlier",
-             "git_commit", "versions", "command")
+GATE_FREE = ("scaffold", "scaffold_path", "scaffold_hash", "concurrency", "git_commit", "versions", "command")
 TEST = "one-sided paired sign-flip test"
 
 
@@ -887,9 +887,8 @@ def not_comparable(base, cand):
     if problem := ev.not_a_run([base, cand]):
         return problem
     a, b = settings(base), settings(cand)
-    free = GATE_FREE + (ev.PLAN_KEYS if ev.same_plan(a, b) else ())
     for key in sorted(set(a) | set(b)):
-        if key not in free and a.get(key) != b.get(key):
+        if key not in GATE_FREE and a.get(key) != b.get(key):
             return f"the runs differ in {key} ({_short(a.get(key))} vs {_short(b.get(key))}): only the scaffold may differ"
     return unfinished(base) or unfinished(cand)
 
@@ -1157,7 +1156,7 @@ def cmd_report(args):
     return None
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     pp = sub.add_parser("propose", help="write scaffolds/vN from a run")
@@ -1211,6 +1210,11 @@ def main(argv=None):
     pr = sub.add_parser("report", help="the loop's report: gate and report numbers of each accepted version")
     pr.add_argument("--log", required=True)
     pr.add_argument("--out", required=True)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.command == "gate":
         if not 0 < args.alpha < 1:

@@ -21,7 +21,7 @@ adapter, train_config.json, loss.json ({step, epoch, loss, lr} per optimizer ste
 `--merge` also writes <out>/merged/, the base with the adapter folded in (what the authors served).
 
 Why transformers.Trainer and not a hand-written loop: the scheduler length under several
-processes (the old loop's bug), FSDP / ZeRO-3 model, optimizer and checkpoint handling, sharded
+processes, FSDP / ZeRO-3 model, optimizer and checkpoint handling, sharded
 resume, and gradient-accumulation loss normalisation by token count all come from it. Why not
 TRL's SFTTrainer: its assistant-only loss needs `{% generation %}` markers that the Qwen2.5 and
 SmolLM2 templates lack; `assistant_labels` finds the spans for any template, and that is the only
@@ -227,8 +227,38 @@ def merge(model, adapter, out):
     print(f"merged model -> {out}")
 
 
-def train(args):
+def load_examples(path, tok, cutoff):
+    """(the file's bytes, its conversations, the tokenized examples that keep an assistant token
+    within `cutoff`); SystemExit when none does."""
+    raw = Path(path).read_bytes()
+    examples = [json.loads(line)["messages"] for line in raw.decode().splitlines() if line.strip()]
+    data = [dict(zip(("input_ids", "labels"), assistant_labels(tok, m, cutoff))) for m in examples]
+    data = [ex for ex in data if any(x != IGNORE for x in ex["labels"][1:])]
+    if not data:
+        raise SystemExit("train_lora.py: no example keeps an assistant token within the cutoff")
+    return raw, examples, data
+
+
+def add_lora(model, recipe, qlora):
+    """The model with LoRA adapters on those of the recipe's target modules it has, and their names."""
     from peft import LoraConfig, get_peft_model
+
+    targets = sorted(set(TARGET_MODULES[recipe["target"]]) & {n.split(".")[-1] for n, _ in model.named_modules()},
+                     key=TARGET_MODULES["ALL"].index)
+    if not targets:
+        raise SystemExit(f"train_lora.py: the model has none of the {recipe['target']} modules "
+                         f"{TARGET_MODULES[recipe['target']]}")
+    if qlora:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=recipe["rank"], lora_alpha=recipe["alpha"],
+                                             lora_dropout=recipe["dropout"], target_modules=targets,
+                                             task_type="CAUSAL_LM"))
+    return model, targets
+
+
+def train(args):
     from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
     out = Path(args.out)
@@ -244,18 +274,12 @@ def train(args):
     tok = AutoTokenizer.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    raw = Path(args.data).read_bytes()
-    examples = [json.loads(line)["messages"] for line in raw.decode().splitlines() if line.strip()]
-    data = [dict(zip(("input_ids", "labels"), assistant_labels(tok, m, recipe["cutoff"]))) for m in examples]
-    data = [ex for ex in data if any(x != IGNORE for x in ex["labels"][1:])]
-    if not data:
-        raise SystemExit("train_lora.py: no example keeps an assistant token within the cutoff")
+    raw, examples, data = load_examples(args.data, tok, recipe["cutoff"])
     # The batch plan comes before TrainingArguments, which takes it; the process count is the
     # launcher's (torchrun and accelerate launch set WORLD_SIZE).
     config = AutoConfig.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
-    names = set(TARGET_MODULES[recipe["target"]])
     shard, world = sharding(), int(os.environ.get("WORLD_SIZE", "1"))
-    counts = parameter_counts(config, names, recipe["rank"])
+    counts = parameter_counts(config, set(TARGET_MODULES[recipe["target"]]), recipe["rank"])
     gpu_bytes = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory if cuda else None
     try:
         plan, est = batch_plan(config, recipe, counts, max(len(ex["input_ids"]) for ex in data), world, gpu_bytes,
@@ -284,19 +308,8 @@ def train(args):
         disable_tqdm=True)
     set_seed(args.seed)    # the LoRA initialisation
     device_map = {"": targs.local_process_index} if args.qlora and shard is None else None
-    model = load_base(args.model, dtype, qlora=args.qlora, device_map=device_map)
-    targets = sorted(names & {n.split(".")[-1] for n, _ in model.named_modules()},
-                     key=TARGET_MODULES["ALL"].index)
-    if not targets:
-        raise SystemExit(f"train_lora.py: the model has none of the {recipe['target']} modules "
-                         f"{TARGET_MODULES[recipe['target']]}")
-    if args.qlora:
-        from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=recipe["rank"], lora_alpha=recipe["alpha"],
-                                             lora_dropout=recipe["dropout"], target_modules=targets,
-                                             task_type="CAUSAL_LM"))
+    model, targets = add_lora(load_base(args.model, dtype, qlora=args.qlora, device_map=device_map), recipe,
+                              args.qlora)
     trainer = Trainer(model=model, args=targs, train_dataset=data,
                       data_collator=lambda batch: collate(batch, tok.pad_token_id))
     ckpt = latest_checkpoint(out) if args.resume else None

@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]   # the project, and its tests' scripted server
 import curate_sft as cs  # noqa: E402
 import eval as ev  # noqa: E402
-from agent import ScriptedServer  # noqa: E402
+from scripted_server import ScriptedServer  # noqa: E402
 
 SCAFFOLD = Path(__file__).resolve().parent / "loop2_scaffold"
 MODEL = "smollm2-135m"

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from agent import ScriptedServer  # noqa: E402
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]   # the project, and its tests' scripted server
 import eval as ev  # noqa: E402
+from scripted_server import ScriptedServer  # noqa: E402
 
 MOVES = {"north": "Move North", "south": "Move South", "west": "Move West", "east": "Move East"}
 

@@ -15,10 +15,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]   # the project, and its tests' scripted server
 import agent  # noqa: E402
 import envs  # noqa: E402
 import eval as ev  # noqa: E402
+from scripted_server import ScriptedServer  # noqa: E402
 
 ACTIONS = {"crafter": ["Move West", "Move East", "Move North", "Do", "Collect Wood"],
            "nle": ["north", "east", "south", "west", "search"]}
@@ -49,7 +50,7 @@ def play_records(env_name, kind, steps, folder):
     env = envs.make_env(env_name, seed=42)
     scaffold = agent.load_scaffold("v0")
     records = []
-    with agent.ScriptedServer(scripted_model(env_name)) as server:
+    with ScriptedServer(scripted_model(env_name)) as server:
         backend = agent.OpenAIBackend(server.url, "scripted", max_retries=0)
         ag = agent.make_agent(kind, env, scaffold, Path(folder) / "memory")
         agent.all_finished(agent.run_episodes([agent.play(env, ag, 42, records.append, steps)], backend))

@@ -81,11 +81,11 @@ def run_policy(path, seconds, fn, *args):
     except StopIteration:
         raise
     except OverBudget as e:
-        raise PolicyError(f"policy.py:{_policy_line(e, path)}: over budget: more than {seconds} s of the "
+        raise PolicyError(f"policy.py:{policy_line(e, path)}: over budget: more than {seconds} s of the "
                           "policy's own code without a model call (scaffold.json limits policy_seconds)") from None
     except Exception as e:
         why = str(e) if isinstance(e, PolicyError) else f"{type(e).__name__}: {e}"
-        raise PolicyError(f"policy.py:{_policy_line(e, path)}: {why}") from e
+        raise PolicyError(f"policy.py:{policy_line(e, path)}: {why}") from e
 
 
 # What a policy may use of each module it may import: functions and constants for text and
@@ -179,9 +179,10 @@ SAFE_BUILTINS = tuple((
 PRINT_CHARS = 20_000   # of a step's printed text kept in its trace line
 
 
-def policy_builtins(views, printed=None):
-    """A policy's __builtins__, fresh per episode; `import x` gives `views[x]`; `print` appends to
-    `printed` (a list the harness empties into each step's trace line; None: discarded)."""
+def policy_builtins(views, attributes, printed=None):
+    """A policy's __builtins__, fresh per episode; `import x` gives `views[x]`; `hasattr` answers
+    for the `attributes` a policy may use only; `print` appends to `printed` (a list the harness
+    empties into each step's trace line; None: discarded)."""
     def policy_import(name, globals=None, locals=None, fromlist=(), level=0):
         if level or name not in views:
             raise ImportError(f"policy.py may import only {', '.join(ALLOWED_IMPORTS)}")
@@ -201,7 +202,7 @@ def policy_builtins(views, printed=None):
     def policy_hasattr(obj, name):
         if not isinstance(name, str):
             raise TypeError("hasattr: the attribute name is a str")
-        return name in allowed_attributes() and hasattr(obj, name)
+        return name in attributes and hasattr(obj, name)
 
     return {**{name: getattr(builtins, name) for name in SAFE_BUILTINS}, "__import__": policy_import,
             "print": policy_print, "hasattr": policy_hasattr}
@@ -219,22 +220,19 @@ REFUSED_NODES = {ast.ClassDef: "class definitions are not allowed: a class carri
 
 
 @functools.cache
-def allowed_attributes():
-    """Every attribute a policy may use, by name: the episode API (agent.py), the members of the
+def allowed_attributes(api):
+    """Every attribute a policy may use, by name: the episode API (`api`, agent.py's), the members of the
     allowed modules, and the public methods and fields of the types those and the builtins give
     (str, containers, numbers, compiled patterns and matches, exceptions, partial and cached
     functions). Not str.format / format_map (their fields walk attributes: "{0.__init__}") nor
     AttributeError.obj (the object of an attribute error raised anywhere, harness code included)."""
-    import agent   # the episode API lives with the harness, which imports this module
-
     samples = [str, int, float, list, dict, set, frozenset, tuple, range, slice, collections.Counter,
                collections.deque, collections.defaultdict, collections.OrderedDict, re.compile(""),
                re.match("", ""), StopIteration, AttributeError, json.JSONDecodeError("", "", 0), re.error(""),
                functools.partial(int),
-               functools.lru_cache(int), functools.lru_cache(int).cache_info(),
-               agent.Episode, agent.Routine, agent.Turn, agent.Request, agent.Reply]
+               functools.lru_cache(int), functools.lru_cache(int).cache_info(), *api]
     names = {n for s in samples for n in dir(s) if not n.startswith("_")}
-    names |= {f.name for s in (agent.Turn, agent.Request, agent.Reply) for f in dataclasses.fields(s)}
+    names |= {f.name for s in api if dataclasses.is_dataclass(s) for f in dataclasses.fields(s)}
     names |= {n for members in MODULE_MEMBERS.values() for n in members}
     return frozenset(names - {"format", "format_map", "obj"})
 
@@ -243,17 +241,18 @@ def _dunder(name):
     return name.startswith("__")   # _helper is fine; __builtins__, __import__, __class__ are the harness's
 
 
-def check_policy(tree):
+def check_policy(tree, attributes):
     """(line, why) for every construct policy.py may not use. The rules close the ways out of the
     sandbox: modules and their members beyond the allowlists, names starting with `__` (dunders),
     builtins that run, open or inspect things, attributes beyond the allowlist (frames, code,
     str.format, the harness's private fields), any attribute assignment (it could patch a shared
     class, or carry data between episodes), annotations (some functions evaluate them), classes,
     `finally` and bare `except` (they could run policy code when the harness closes a step), and
-    templates named or filled in ways the loader cannot check."""
+    templates named or filled in ways the loader cannot check. `attributes`: the attribute names
+    policy code may use (allowed_attributes)."""
     aliases = {a.asname or a.name: a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                for a in node.names}
-    attributes, bad = allowed_attributes(), []
+    bad = []
     for node in ast.walk(tree):
         line = getattr(node, "lineno", 0)
         if type(node) in REFUSED_NODES:
@@ -345,7 +344,7 @@ class Scaffold:
     config: dict          # scaffold.json: data the policy reads (ops per routine, limits, ...)
     prompts: dict         # template name -> text, from prompts/<name>.txt
     code: object          # policy.py, checked and compiled once; executed afresh per episode
-    changes: str = ""
+    attributes: frozenset  # the attribute names policy code may use (allowed_attributes)
 
     @property
     def limits(self):
@@ -393,7 +392,7 @@ class Scaffold:
         """policy.py executed in fresh globals, builtins and module views: one per episode; its
         print() appends to `printed`."""
         views = {name: ModuleView(name) for name in ALLOWED_IMPORTS}
-        namespace = {"__builtins__": policy_builtins(views, printed), "__name__": "policy"}
+        namespace = {"__builtins__": policy_builtins(views, self.attributes, printed), "__name__": "policy"}
         self.run(exec, self.code, namespace)
         return namespace
 
@@ -421,8 +420,8 @@ def scaffold_dir(name_or_path):
                         f"nor one of scaffolds/ ({known})")
 
 
-def _policy_line(error, path):
-    """The line of policy.py where `error` was raised."""
+def policy_line(error, path):
+    """The line of policy.py (`path`) where `error` was raised: its deepest frame there, else 0."""
     tb, line = error.__traceback__, 0
     while tb is not None:
         line = tb.tb_lineno if tb.tb_frame.f_code.co_filename == str(path) else line
@@ -430,9 +429,10 @@ def _policy_line(error, path):
     return line
 
 
-def load_scaffold(name_or_path):
+def load_scaffold(name_or_path, api):
     """Read and check `scaffolds/vN/` (or a path): scaffold.json, prompts/*.txt, policy.py (the
-    checker, its templates' fields, its ops). Errors name the file, and the line in policy.py."""
+    checker, against the episode API's classes `api`; its templates' fields, its ops). Errors name
+    the file, and the line in policy.py. agent.load_scaffold gives it agent.py's API."""
     path = scaffold_dir(name_or_path)
 
     def fail(part, why):
@@ -452,7 +452,8 @@ def load_scaffold(name_or_path):
     except SyntaxError as e:
         fail(f"policy.py:{e.lineno}", f"SyntaxError: {e.msg}")
     calls, bad = render_calls(tree)
-    bad += check_policy(tree)
+    attributes = allowed_attributes(api)
+    bad += check_policy(tree, attributes)
     for line, template, fields in calls:
         want = template_fields(prompts.get(template, ""))
         if template not in prompts:
@@ -466,8 +467,7 @@ def load_scaffold(name_or_path):
     unused = sorted(set(prompts) - {t for _, t, _ in calls})
     if unused:
         fail(f"prompts/{unused[0]}.txt", "never rendered by policy.py (ep.render)")
-    scaffold = Scaffold(path.name, path, config, prompts, compile(tree, str(policy), "exec"),
-                        (path / "CHANGES.md").read_text() if (path / "CHANGES.md").exists() else "")
+    scaffold = Scaffold(path.name, path, config, prompts, compile(tree, str(policy), "exec"), attributes)
     try:
         module = scaffold.module()
     except PolicyError as e:

@@ -9,8 +9,8 @@ import pytest
 
 import agent
 import envs
-from agent import (HFBackend, OpenAIBackend, Request, ScaffoldError, ScriptedServer,
-                   load_scaffold, make_agent, play, run_episodes)
+from agent import HFBackend, OpenAIBackend, Request, ScaffoldError, load_scaffold, make_agent, play, run_episodes
+from scripted_server import ScriptedServer
 
 KITCHEN_SINK = agent.ROOT / "tests" / "scaffolds" / "kitchen_sink"
 

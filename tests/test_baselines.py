@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import envs
-from agent import (BALROG_INSTRUCTIONS, ROBUST_COT_FAILURE, HFBackend, HistoryPrompt, OpenAIBackend,
-                   ScriptedServer, accepted, balrog_output, make_agent, play, run_episodes, tiny_random_path)
+from agent import (BALROG_INSTRUCTIONS, ROBUST_COT_FAILURE, HFBackend, HistoryPrompt, OpenAIBackend, accepted,
+                   balrog_output, make_agent, play, run_episodes, tiny_random_path)
+from scripted_server import ScriptedServer
 
 NAIVE, COT = BALROG_INSTRUCTIONS["naive"], BALROG_INSTRUCTIONS["cot"]
 

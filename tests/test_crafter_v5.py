@@ -2,14 +2,14 @@
 behaviourally, asserted from the traces of real Crafter episodes with scripted replies: the gate
 (materials, Sleep near a zombie, a Noop streak; at most 2 refusals a step, on the action as
 written, before the repair), goals.txt in every PLAN, the blocks in the authors' order, two-model
-mode; then a few steps on tiny-random and on SmolLM2-135M, one-model and two-model."""
+mode. tests/test_converged_scaffolds.py plays it on tiny-random and SmolLM2-135M."""
 import json
 
 import pytest
 
 import envs
-from agent import (HFBackend, OpenAIBackend, ScriptedServer, all_finished, load_scaffold, make_agent, model_path,
-                   play, run_episodes, tiny_random_path)
+from agent import OpenAIBackend, all_finished, load_scaffold, make_agent, play, run_episodes
+from scripted_server import ScriptedServer
 
 V5 = load_scaffold("crafter_v5")
 GOALS = V5.initial_files("crafter")["goals.txt"]
@@ -229,49 +229,3 @@ def test_two_model_routes_log_and_consultation_to_the_specialist_and_the_commit_
     assert handed[-1]["content"].endswith("The memory consultation is over. Commit your action now, as <|ACTION|>"
                                           "action name<|END|>. You may still SEARCH, READ, TAIL or COUNT first.")
     assert goals_shown(records[1]) == "CURRENT GOAL: wood"
-
-
-# ---------------------------------------------------------------- real models ----------------
-
-def lora(base_path, out, **load):
-    """A random LoRA adapter (q and v projections) for a base model, saved to `out`: the
-    specialist of a two-model run. Only the model's shape matters, so it is built from the config."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-    torch.manual_seed(1)
-    base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path, **load))
-    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                    init_lora_weights=False)).save_pretrained(out)
-    return str(out)
-
-
-def play_both_modes(tmp_path, backend, steps):
-    """One episode one-model and one two-model, side by side on one backend: both finish."""
-    env1, env2 = envs.make_env("crafter", seed=0), envs.make_env("crafter", seed=0)
-    records = {False: [], True: []}
-    games = [play(env, make_agent("memory", env, V5, tmp_path / f"mem{two}", two_model=two), 0,
-                  records[two].append, steps) for env, two in ((env1, False), (env2, True))]
-    results = all_finished(run_episodes(games, backend))
-    assert [r["steps"] for r in results] == [steps, steps]
-    for two, trace in records.items():
-        roles = {t["role"] for r in trace for name in r["routines"] for t in r[name]["turns"]}
-        assert roles == ({"specialist", "base"} if two else {"base"})
-        assert all(isinstance(r["action"]["raw"], str) for r in trace)    # the fallback too is returned, repaired
-    return records
-
-
-def test_tiny_random_plays_one_and_two_model(tmp_path):
-    backend = HFBackend("tiny-random", adapter=lora(tiny_random_path(), tmp_path / "lora"), max_new_tokens=8,
-                        temperature=1.0, seed=0)
-    records = play_both_modes(tmp_path, backend, steps=2)
-    assert {t["role"] for t in records[True][1]["log"]["turns"]} == {"specialist"}
-
-
-def test_smollm2_plays_one_and_two_model(tmp_path):
-    try:
-        path, kwargs = model_path("smollm2-135m")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    adapter = lora(path, tmp_path / "lora", gguf_file=kwargs["gguf_file"])
-    play_both_modes(tmp_path, HFBackend("smollm2-135m", adapter=adapter, max_new_tokens=8, temperature=0), steps=1)

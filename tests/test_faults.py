@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ import pytest
 import agent
 import envs
 import eval as ev
-from agent import FAULTS, OpenAIBackend, Request, ScriptedServer, ServerDown, Unfinished
+from agent import OpenAIBackend, Request, ServerDown, Unfinished
+from scripted_server import FAULTS, ScriptedServer
 from test_eval import deterministic_model, first_view, torchrun_eval, wait_for
 
 ROOT = Path(ev.__file__).resolve().parent
@@ -39,11 +41,17 @@ def fast_backend(url, **kw):
     return OpenAIBackend(url, "scripted", **{"max_retries": 1, "backoff": 0.01, "timeout": 0.5, **kw})
 
 
+def patch_sleep(monkeypatch, sleep):
+    """agent.py's time.sleep (its waits before a retry or a probe) replaced by `sleep`; the scripted
+    server and the test's own threads still sleep."""
+    monkeypatch.setattr(agent, "time", types.SimpleNamespace(**{**vars(time), "sleep": sleep}))
+
+
 @pytest.fixture
 def waits(monkeypatch):
     """The backend's waits before retries, recorded instead of slept."""
     waited = []
-    monkeypatch.setattr(OpenAIBackend, "sleep", waited.append)
+    patch_sleep(monkeypatch, waited.append)
     return waited
 
 
@@ -253,7 +261,7 @@ def test_no_episode_starts_while_the_server_is_down_and_it_is_probed_before_the_
     def wait(seconds):
         waited.append(seconds)
         state["up"] = back
-    monkeypatch.setattr(OpenAIBackend, "sleep", staticmethod(wait))
+    patch_sleep(monkeypatch, wait)
 
     def model(body):
         if not state["up"]:

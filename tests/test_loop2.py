@@ -19,7 +19,7 @@ import agent
 import curate_sft as cs
 import eval as ev
 import train_lora as tl
-from agent import ScriptedServer
+from scripted_server import ScriptedServer
 from test_eval import deterministic_model, v0_step
 
 ROOT = Path(cs.__file__).resolve().parent
@@ -56,7 +56,7 @@ def test_transform_2_log_ends_at_done():
 
 def test_transform_3_keeps_the_consultation_and_cuts_at_the_action():
     """Consult, see the results, act: the example the specialist most needs survives whole, up to
-    the end of its ACTION (the old transform dropped it)."""
+    the end of its ACTION."""
     out, why = cs.transform(item("plan", "<|SEARCH|>map.md|water<|END|>",
                                  "Water is west. <|ACTION|>Move West<|END|> then <|READ|>a.md<|END|> later"))
     assert why is None
@@ -469,7 +469,7 @@ def test_training_lowers_the_loss_and_the_adapter_runs_in_eval(tmp_path, trained
 def test_two_processes_train_one_epoch_once(tmp_path, sft_data):
     """torchrun with 2 CPU processes and a 1-epoch recipe: every step in epoch 0, the learning rate
     rises through warmup then only falls (no restart), and the steps and tokens are one pass over
-    the data, as with one process (the old loop ran 2 epochs with an LR restart). The recipe's
+    the data, as with one process (not 2 epochs with an LR restart). The recipe's
     batch x grad_accum, 4, is the global batch: 2 processes x micro-batch 1 x 2 accumulation steps."""
     data = (sft_data / "all.jsonl").read_text().splitlines()
     (tmp_path / "train.jsonl").write_text("\n".join(data[:16]) + "\n")

@@ -1,14 +1,15 @@
 """scaffolds/minihack_v4 is the authors' converged MiniHack scaffold (automem_reference.md section
 2): on the real tasks, with scripted replies, each behaviour asserted from the episode's trace as
-eval writes and reads it; its map analysis on hand-made maps (section 1.1's rules); and a few
-steps on tiny-random and SmolLM2-135M, one-model and two-model."""
+eval writes and reads it; its map analysis on hand-made maps (section 1.1's rules).
+tests/test_converged_scaffolds.py plays it on tiny-random and SmolLM2-135M."""
 import re
 
 import pytest
 
 import envs
 import eval as ev
-from agent import HFBackend, OpenAIBackend, ScriptedServer, load_scaffold, make_agent, model_path, play, run_episodes
+from agent import OpenAIBackend, load_scaffold, make_agent, play, run_episodes
+from scripted_server import ScriptedServer
 
 V4 = load_scaffold("minihack_v4")
 POLICY = V4.module()    # the pure functions (map analysis, repair)
@@ -220,34 +221,3 @@ def test_map_analysis_follows_the_authors_rules():
 def test_repair_keeps_the_command_and_reads_go_and_move():
     assert [POLICY["repair"](a) for a in ("go north", "Move West", "eat d", "open west", "far east", "go up")] == \
         ["north", "west", "eat", "open", "far east", "go up"]
-
-
-# ---------------------------------------------------------------- real models ----------------
-
-def zero_adapter(model, folder):
-    """A LoRA adapter that changes nothing (B = 0), built from the model's config alone."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-    path, kwargs = model_path(model)
-    base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, gguf_file=kwargs.get("gguf_file")))
-    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.mark.parametrize("model,steps,tokens", [("tiny-random", 2, 8), ("smollm2-135m", 1, 4)])
-def test_it_plays_on_real_models_in_both_modes(tmp_path, model, steps, tokens):
-    backend = HFBackend(model, adapter=zero_adapter(model, tmp_path / "adapter"), max_new_tokens=tokens,
-                        temperature=0)
-    records = {False: [], True: []}
-    games = []
-    for two_model in (False, True):
-        env = envs.make_env("minihack", "MiniHack-MazeWalk-9x9-v0", seed=0)
-        ag = make_agent("memory", env, V4, tmp_path / f"mem{two_model}", two_model=two_model)
-        games.append(play(env, ag, 0, records[two_model].append, steps))
-    results = run_episodes(games, backend, concurrency=2)
-    assert [r["steps"] for r in results] == [steps, steps]
-    for two_model, recs in records.items():
-        turns = [t for r in recs for name in r["routines"] for t in r[name]["turns"]]
-        assert all(t["error"] is None and 1 <= t["completion_tokens"] <= tokens for t in turns)
-        assert {t["role"] for t in turns} == ({"specialist", "base"} if two_model else {"base"})
-        assert recs[0]["plan"]["turns"][0]["prompt_tokens"] > 1500     # the whole PLAN prompt went in

@@ -1,7 +1,7 @@
 """scaffolds/nethack_v2 is the authors' converged NetHack scaffold (automem_reference.md section 2),
 behaviourally: UPSERT_MAP, the status files code rewrites between LOG and PLAN, pruning after
-LOG, PLAN's status block and oscillation warning, the map analysis of section 1.1, and a few
-steps on tiny-random and SmolLM2-135M in one- and two-model mode, on the real NetHack."""
+LOG, PLAN's status block and oscillation warning, the map analysis of section 1.1, on the real
+NetHack. tests/test_converged_scaffolds.py plays it on tiny-random and SmolLM2-135M."""
 import json
 import re
 
@@ -10,7 +10,8 @@ import pytest
 import agent
 import envs
 import eval as ev
-from agent import HFBackend, OpenAIBackend, ScriptedServer, load_scaffold, make_agent, play, run_episodes
+from agent import OpenAIBackend, load_scaffold, make_agent, play, run_episodes
+from scripted_server import ScriptedServer
 
 V2 = load_scaffold("nethack_v2")
 POLICY = V2.module()
@@ -209,29 +210,3 @@ def test_map_analysis_as_the_authors_read_the_map():
         ("north", "off the map"), ("south", "unknown"), ("east", "unknown"), ("west", "rock"),
         ("northeast", "off the map"), ("northwest", "off the map"), ("southeast", "item"), ("southwest", "floor")]
     assert POLICY["survey"]("@ Agent the Footpad, a line of letters") is None
-
-
-def random_adapter(model, folder):
-    """A LoRA adapter (random, rank 2) for `model`, to serve the specialist role."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-    path, kwargs = agent.model_path(model)
-    config = AutoConfig.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
-    get_peft_model(AutoModelForCausalLM.from_config(config),
-                   LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.mark.parametrize("model,steps", [("tiny-random", 2), ("smollm2-135m", 1)])
-def test_it_plays_on_small_models_with_one_and_two_models(tmp_path, model, steps):
-    """One-model and two-model episodes end their steps without error. SmolLM2 on CPU takes
-    about 2,400 prompt tokens a call: one step each (PLAN; two-model: the specialist, the
-    hand-off, the base model); tiny-random plays two (LOG too)."""
-    backend = HFBackend(model, adapter=random_adapter(model, tmp_path / "adapter"), max_new_tokens=4, seed=0)
-    for two_model in (False, True):
-        records, _ = run(tmp_path / str(two_model), backend, steps, two_model)
-        assert len(records) == steps
-        turns = [t for r in records for name in r["routines"] for t in r[name]["turns"]]
-        assert all(t["error"] is None and 1 <= t["completion_tokens"] <= 4 for t in turns)
-        assert {t["role"] for t in turns} == ({"base", "specialist"} if two_model else {"base"})
-        assert [r["routines"] for r in records] == [["plan"], ["log", "plan"]][:steps]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import eval as ev
-from agent import ScriptedServer
+from scripted_server import ScriptedServer
 from test_eval import deterministic_model
 
 ROOT = Path(ev.__file__).resolve().parent

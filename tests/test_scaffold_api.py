@@ -13,8 +13,9 @@ import pytest
 import envs
 import eval as ev
 import scaffolds
-from agent import (PolicyError, OpenAIBackend, Reply, ScaffoldError, ScriptedServer, Unfinished, load_scaffold,
-                   make_agent, play, run_episodes)
+from agent import (PolicyError, OpenAIBackend, Reply, ScaffoldError, Unfinished, load_scaffold, make_agent, play,
+                   run_episodes)
+from scripted_server import ScriptedServer
 
 KITCHEN_SINK = load_scaffold(ev.ROOT / "tests" / "scaffolds" / "kitchen_sink")
 CORRIDOR = "MiniHack-Corridor-R3-v0"
@@ -301,7 +302,7 @@ def test_allowed_modules_are_read_only_views_of_listed_members_fresh_per_episode
     """Past the static check (exec'd directly), a module view holds only its listed members and
     takes no attribute; each episode gets its own views and builtins."""
     views = [{name: scaffolds.ModuleView(name) for name in scaffolds.ALLOWED_IMPORTS} for _ in range(2)]
-    namespaces = [{"__builtins__": scaffolds.policy_builtins(v)} for v in views]
+    namespaces = [{"__builtins__": scaffolds.policy_builtins(v, KITCHEN_SINK.attributes)} for v in views]
     for ns in namespaces:
         exec("import json, functools, statistics\nbox = json\nre_compile = __import__('re').compile", ns)
     assert namespaces[0]["box"] is not namespaces[1]["box"] and namespaces[0]["re_compile"] is re.compile

@@ -9,7 +9,8 @@ import re
 import pytest
 
 import envs
-from agent import OpenAIBackend, ScriptedServer, load_scaffold, make_agent, play, run_episodes
+from agent import OpenAIBackend, load_scaffold, make_agent, play, run_episodes
+from scripted_server import ScriptedServer
 
 V0 = load_scaffold("v0")
 POLICY = V0.module()    # v0's functions, for the pure ones (map analysis, repair)
