@@ -477,6 +477,8 @@ class MemoryFS:
                 return f"error: {e}"
             except Exception as e:  # a scaffold op's bug must not end the episode
                 self._count("errors")
+                if isinstance(e, ValueError) and op.name in self.extra_ops:   # it refused the model's arguments
+                    return f"error: {op.name}: {e}"
                 return f"error: {op.name} failed: {type(e).__name__}: {e}"
             if op.name in READ_ONLY_OPS:
                 self._count("bytes_read", len(result.encode()))

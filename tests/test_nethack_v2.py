@@ -68,7 +68,7 @@ def test_upsert_map_replaces_the_line_of_its_square(tmp_path):
         {"op": "UPSERT_MAP", "removed": [], "added": ["(5,6): door east"]}]}
     second = records[2]["log"]["turns"][0]["ops"]
     assert [o["op"] for o in second] == ["APPEND", "UPSERT_MAP", "UPSERT_MAP", "WRITE", "CREATE", "DONE"]
-    assert second[2]["result"] == ("error: UPSERT_MAP failed: ValueError: the square is two whole numbers x,y, "
+    assert second[2]["result"] == ("error: UPSERT_MAP: the square is two whole numbers x,y, "
                                    "not 'x=1,y=2': <|UPSERT_MAP|>12,5|door, leads east<|END|>")
     assert records[2]["memory_diff"]["dungeon_map.txt"] == {
         "appended": ["(9,9): appended"],
