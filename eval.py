@@ -399,6 +399,8 @@ def sign_flip_p(diffs, flips=100_000, seed=0):
     from scipy import stats
     d = np.atleast_2d(np.asarray(diffs, dtype=float))
     n = d.shape[1]
+    if n == 1:   # scipy wants two pairs; of one pair's two sign patterns, +|d| alone is >= a positive d
+        return np.where(d[:, 0] > 0, 0.5, 1.0)
     patterns = max(flips, 2 ** n) if n <= EXACT_UP_TO else flips
     batch = max(1, 4_000_000 // d.size)   # resampled copies of the data held at once
     return stats.permutation_test((d,), np.mean, permutation_type="samples", vectorized=True, n_resamples=patterns,

@@ -386,6 +386,7 @@ def test_sign_flip_p_values_are_exact():
     assert ev.sign_flip_p([5.0] * 6)[0] == 1 / 64
     assert ev.sign_flip_p([5.0] * 4)[0] == 1 / 16          # 4 wins of 4: the old rule accepts, this does not
     assert ev.sign_flip_p([0.0] * 8)[0] == 1.0
+    assert list(ev.sign_flip_p([[3.0], [0.0], [-2.0]])) == [0.5, 1.0, 1.0]   # one pair: two patterns
     d = np.random.default_rng(0).normal(1, 3, 11)
     brute = np.mean([np.dot(s, d) >= d.sum() - 1e-9 for s in itertools.product((-1, 1), repeat=11)])
     assert ev.sign_flip_p(d)[0] == pytest.approx(brute)
