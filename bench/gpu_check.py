@@ -309,7 +309,10 @@ def main(argv=None):
             failed += 1
             got = [(f"{name} FAILED", f"{type(e).__name__}: {str(e)[:200]}")]
             (out / f"step{name}_traceback.txt").write_text(traceback.format_exc())
-        rows += [(k, v, f"{time.time() - t0:.0f}") for k, v in got]
+        peak_reset()   # a failed step's GPU memory goes back before the next step's processes start
+        for k, v in got:   # as it comes (stderr): a run stopped at its time limit still shows its rows
+            rows.append((k, v, f"{time.time() - t0:.0f}"))
+            print(f"gpu_check: {k}: {v}", file=sys.stderr, flush=True)
     versions = {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "accelerate")}
     head = (f"GPU check on {device}, commit {agent_commit()}, {time.strftime('%Y-%m-%d')}, "
             + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; {time.time() - t_start:.0f} s in all")
@@ -321,7 +324,11 @@ def main(argv=None):
 
 
 def agent_commit():
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    """HEAD's short hash; "unknown" where the tree is a copy without git (a lent machine's may be)."""
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
     return r.stdout.strip() or "unknown"
 
 
