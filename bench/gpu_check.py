@@ -261,6 +261,7 @@ def loop2(args, out, mid):
     rows.append(("4 FSDP save+resume", f"sharding {cfg['sharding']}, checkpoint-2 holds {len(shards)} files "
                  f"({', '.join(shards[:3])}...); {'resumed' if resumed else 'NOT resumed'} to step "
                  f"{cfg['optimizer_steps']}"))
+    rows.append(train_row("4 FSDP resumed run", fsdp))   # the sharded estimate against the measured peak
     return rows
 
 
