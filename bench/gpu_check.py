@@ -301,7 +301,7 @@ def main(argv=None):
     steps = [("1", lambda: hf_eval(args, out, [("tiny-random", agent.tiny_random_path()), ("Qwen2.5-1.5B-shaped", mid)])),
              ("2", lambda: plan_32b(args, out)), ("3-4", lambda: loop2(args, out, mid)),
              ("5", lambda: two_model(args, out, mid))]
-    rows, failed, t_start = [], 0, time.time()
+    rows, failed, t_start, commit = [], 0, time.time(), agent_commit()   # the commit the steps ran
     for name, step in steps:
         t0 = time.time()
         try:
@@ -315,7 +315,7 @@ def main(argv=None):
             rows.append((k, v, f"{time.time() - t0:.0f}"))
             print(f"gpu_check: {k}: {v}", file=sys.stderr, flush=True)
     versions = {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "accelerate")}
-    head = (f"GPU check on {device}, commit {agent_commit()}, {time.strftime('%Y-%m-%d')}, "
+    head = (f"GPU check on {device}, commit {commit}, {time.strftime('%Y-%m-%d')}, "
             + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; {time.time() - t_start:.0f} s in all")
     table = [head, "", "| step | result | s |", "|---|---|---|", *(f"| {k} | {v} | {s} |" for k, v, s in rows)]
     (out / "table.md").write_text("\n".join(table) + "\n")
