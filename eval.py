@@ -1135,12 +1135,10 @@ def load_backend(args):
                                           timeout=args.timeout, max_retries=args.retries, backoff=args.backoff,
                                           max_failures=args.max_failures, **kwargs)
         try:
-            missing, served = backend.model_check()
+            agent_mod.require_models(backend.client, args.base_url, [args.model, args.specialist],
+                                     "--model and --specialist", min(args.timeout, 60))
         except agent_mod.EndpointError as e:
             raise UsageError(str(e))
-        if missing:
-            raise UsageError(f"{args.base_url} does not serve {', '.join(missing)} (it serves: "
-                             f"{', '.join(served) or 'nothing it will list'}); check --model and --specialist")
         return backend
     try:
         import torch
