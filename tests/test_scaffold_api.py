@@ -381,6 +381,12 @@ HOSTILE = {
                                            2, "finally blocks are not allowed"),
     "a bare except catches the harness's timer": ("def step(ep):\n    try:\n        return None\n    except:\n        pass\n",
                                                   4, "a bare except is not allowed"),
+    "__builtins__ deleted by the end of an except": ("try:\n    pass\nexcept ValueError as __builtins__:\n    pass\n", 3,
+                                                     "names starting with '__' are not allowed ('__builtins__')"),
+    "__builtins__ bound by a match capture": ("match {}:\n    case {**__builtins__}:\n        pass\n", 2,
+                                              "names starting with '__' are not allowed ('__builtins__')"),
+    "__builtins__ rebound through global": ("def step(ep):\n    global __builtins__\n    return None\n", 2,
+                                            "names starting with '__' are not allowed ('__builtins__')"),
     "an annotated assignment": ("def step(ep):\n    x: 'int' = 1\n    return None\n", 2, "annotations are not allowed"),
     "a return annotation": ("def step(ep) -> 'int':\n    return None\n", 1, "annotations are not allowed"),
 }
