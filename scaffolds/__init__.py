@@ -125,10 +125,14 @@ PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, list, tuple, d
 def plain_deepcopy(data):
     """copy.deepcopy for plain data (containers of str, numbers, None), which is what a policy keeps
     in ep.state; anything else (the episode object, a function, a module view) is refused, since
-    the real deepcopy would copy the harness objects behind it."""
-    stack = [data]
+    the real deepcopy would copy the harness objects behind it. Each object is checked once, so
+    data that holds itself, or shares a part, is copied as deepcopy copies it."""
+    stack, seen = [data], set()
     while stack:
         x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
         if type(x) not in PLAIN_TYPES:
             raise TypeError(f"copy.deepcopy copies plain data only (containers of str, numbers, None), "
                             f"not {type(x).__name__}")

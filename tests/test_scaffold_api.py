@@ -441,6 +441,20 @@ def test_the_checker_takes_the_authors_idioms_and_they_open_nothing(tmp_path):
             load_scaffold(mini(tmp_path / str(line) / why[:9].replace(" ", "_"), source))
 
 
+def test_deepcopy_copies_data_that_holds_itself_or_shares_parts():
+    looped = {"seen": []}
+    looped["seen"].append(looped)
+    copied = scaffolds.plain_deepcopy(looped)
+    assert copied is not looped and copied["seen"][0] is copied
+    shared = [1]
+    for _ in range(60):          # 2**60 paths to the same few lists
+        shared = [shared, shared]
+    copied = scaffolds.plain_deepcopy(shared)
+    assert copied is not shared and copied[0] is copied[1]
+    with pytest.raises(TypeError, match="plain data only"):
+        scaffolds.plain_deepcopy([shared, [looped, print]])
+
+
 def test_a_print_flood_is_cut_in_the_trace(tmp_path):
     d = mini(tmp_path, '''
         def step(ep):
