@@ -192,7 +192,10 @@ def policy_builtins(views, attributes, printed=None):
             raise ImportError(f"policy.py may import only {', '.join(ALLOWED_IMPORTS)}")
         return views[name]
 
-    def policy_print(*values, sep=" ", end="\n"):
+    def policy_print(*values, sep=" ", end="\n", flush=False, **others):
+        if others:
+            raise TypeError(f"print writes into the step's trace line only: it takes sep, end and flush, "
+                            f"not {', '.join(map(repr, others))}")
         if not isinstance(sep, str) or not isinstance(end, str):
             raise TypeError("print: sep and end are strings")
         if printed is None:

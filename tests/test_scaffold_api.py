@@ -417,7 +417,7 @@ def test_the_checker_takes_the_authors_idioms_and_they_open_nothing(tmp_path):
         def step(ep):
             ep.state.setdefault("notes", {"seen": []})
             ep.state["notes"] = _plan_note(ep, ep.state["notes"])
-            print("step", ep.step, sep="=", end=";")
+            print("step", ep.step, sep="=", end=";", flush=True)
             print(hasattr(ep, "step"), hasattr(ep, "_agent"), hasattr(ep, "_fixed"), hasattr("", "__class__"))
             for probe in (lambda: copy.deepcopy(ep), lambda: copy.deepcopy({"f": ep.read}),
                           lambda: copy.deepcopy([copy]), lambda: print("x", file=ep)):
