@@ -4,7 +4,7 @@
 BALROG's text observation (`long_term_context`, `short_term_context`) character for character,
 whose `instruction` is BALROG's instruction prompt (data/balrog_instructions.json), with BALROG's
 progression, plus the seeding fixes that make every episode reproducible from its
-seed (see ../shared/specs). `nle_language(obs)` is the NetHack/MiniHack text as a pure function.
+seed. `nle_language(obs)` is the NetHack/MiniHack text as a pure function.
 
     python envs.py --env crafter --seed 42          # instruction + first observation
     python envs.py --env minihack --task MiniHack-Corridor-R3-v0 --play
