@@ -590,7 +590,7 @@ def _boxoban_folder():
     if not root or not Path(root, "hard").is_dir():
         raise FileNotFoundError(
             f"Boxoban levels not found (BOXOBAN_LEVELS={root!r}). Set BOXOBAN_LEVELS to a folder "
-            "holding hard/ and medium/train/ (e.g. ../shared/data/boxoban-levels), or fetch them "
+            "holding hard/ and medium/train/, or fetch them "
             "with `python -m minihack.scripts.download_boxoban_levels` and point the variable there.")
     return root
 
