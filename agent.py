@@ -755,7 +755,7 @@ class BadReply(ValueError):
     body that is not JSON at all surfaces as the client's JSONDecodeError)."""
 
 
-CONTEXT_LENGTH = re.compile(r"context[ _](length|size|window)|exceed_context", re.I)
+CONTEXT_LENGTH = re.compile(r"context[ _](length|size|window)|exceed_context|max-model-len", re.I)
 MAX_WAIT = 60.0   # seconds: the longest wait before a retry, a server's Retry-After included
 PROBES = 3        # a model that is down is asked this often, MAX_WAIT s apart, before queued episodes start
 CONNECT_TIMEOUT = 10.0   # seconds to open a connection (a live server accepts at once)
@@ -774,9 +774,9 @@ def ask_one_token(client, model):
 
 def context_length_rejection(e):
     """Whether a failed request is the server refusing a prompt that does not fit the model's
-    context (vLLM, SGLang, llama.cpp and OpenAI all answer 400 and say so in the message)."""
+    context (vLLM, SGLang, llama.cpp, OpenAI and `transformers serve` all answer 400 and say so)."""
     import openai
-    return isinstance(e, openai.BadRequestError) and bool(CONTEXT_LENGTH.search(str(e)))
+    return isinstance(e, openai.BadRequestError) and bool(CONTEXT_LENGTH.search(server_said(e)))
 
 
 def retryable(e):
@@ -910,38 +910,75 @@ class OpenAIBackend:
                 return True
         return False
 
-    def model_check(self):
-        """(names among the model and specialist the server does not serve, names it serves), from
-        /v1/models. A server that cannot list them (`transformers serve` answers 500 for a model
-        loaded from a local path) is asked for one token from each instead. Raises EndpointError
-        when the server cannot be reached or refuses the API key."""
-        import openai
 
-        wanted = [m for m in (self.model, self.specialist) if m]
-        client = self.client.with_options(timeout=request_timeout(min(self.timeout, 60)))
-        refused = (openai.AuthenticationError, openai.PermissionDeniedError)
+def model_check(client, base_url, models, timeout=60, key_var="OPENAI_API_KEY"):
+    """(names among `models` the server does not serve, names it serves), from /v1/models. A
+    server that cannot list them (`transformers serve` answers 500 for a model loaded from a
+    local path) is asked for one token from each instead. Raises EndpointError when the server
+    cannot be reached or refuses the API key (`key_var` holds it)."""
+    import openai
 
-        def answers(model):
-            try:
-                ask_one_token(client, model)
-                return True
-            except refused:
-                raise
-            except openai.APIStatusError:
-                return False
+    wanted = [m for m in models if m]
+    client = client.with_options(timeout=request_timeout(timeout))
+    refused = (openai.AuthenticationError, openai.PermissionDeniedError)
+
+    def answers(model):
         try:
-            try:
-                served = {m.id for m in client.models.list()}
-            except refused:
-                raise
-            except (openai.APIStatusError, ValueError, AttributeError):   # it cannot list
-                served = {m for m in wanted if answers(m)}
-        except openai.APIConnectionError as e:
-            raise EndpointError(f"cannot reach {self.base_url} ({one_line(e)})")
-        except refused as e:
-            raise EndpointError(f"{self.base_url} refuses the API key ({one_line(e)}): an authentication "
-                                "problem; set OPENAI_API_KEY")
-        return [m for m in wanted if m not in served], sorted(served)
+            ask_one_token(client, model)
+            return True
+        except refused:
+            raise
+        except openai.APIStatusError:
+            return False
+    try:
+        try:
+            served = {m.id for m in client.models.list()}
+        except refused:
+            raise
+        except (openai.APIStatusError, ValueError, AttributeError):   # it cannot list
+            served = {m for m in wanted if answers(m)}
+    except openai.APIConnectionError as e:
+        raise EndpointError(f"cannot reach {base_url} ({server_said(e)})")
+    except refused as e:
+        raise EndpointError(f"{base_url} refuses the API key ({server_said(e)}): an authentication "
+                            f"problem; set {key_var}")
+    return [m for m in wanted if m not in served], sorted(served)
+
+
+def require_models(client, base_url, models, flags, timeout=60, key_var="OPENAI_API_KEY"):
+    """Raise EndpointError (one line) unless the server answers and serves every one of `models`
+    (`flags`: the options that name them, for the message)."""
+    missing, served = model_check(client, base_url, models, timeout, key_var)
+    if missing:
+        raise EndpointError(f"{base_url} does not serve {', '.join(missing)} (it serves: "
+                            f"{', '.join(served) or 'nothing it will list'}); check {flags}")
+
+
+def server_said(e):
+    """A failed request in the server's own words, on one line: `HTTP 400: <its message>` (the
+    client keeps only an `error.message` field; FastAPI servers such as `transformers serve` say
+    it in `detail`), or the connection's failure with its cause."""
+    import openai
+    if isinstance(e, openai.APIStatusError):
+        said = e.body.get("message") or e.body.get("detail") if isinstance(e.body, dict) else e.body  # its "error" part
+        text = " ".join((said if isinstance(said, str) and said.strip() else e.response.text).split())
+        return f"HTTP {e.status_code}: {text[:500]}"
+    cause = e.__cause__ or e.__context__
+    return one_line(e) + (f" ({one_line(cause)})" if isinstance(e, openai.APIConnectionError) and cause else "")
+
+
+def meta_failure(client, model, e):
+    """The EndpointError for a meta-LLM request that failed (after the client's retries): one line
+    naming the endpoint, the model and the server's own words."""
+    return EndpointError(f"the meta-LLM {model} at {str(client.base_url).rstrip('/')} failed: {server_said(e)}")
+
+
+def meta_client(base_url, timeout=600.0, max_retries=3):
+    """The client of the meta-LLM of both loops: its key is META_API_KEY, never the agent
+    server's OPENAI_API_KEY."""
+    from openai import OpenAI
+    return OpenAI(base_url=base_url, timeout=request_timeout(timeout), max_retries=max_retries,
+                  api_key=os.environ.get("META_API_KEY") or "EMPTY")
 
 
 class DoesNotFit(ValueError):

@@ -41,6 +41,7 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
+import agent as agent_mod
 import eval as ev
 from memory_fs import ARITY, cut_after_last_terminator, parse_ops
 
@@ -406,36 +407,45 @@ def batches(items, budget=JUDGE_BATCH_CHARS):
 
 
 def ask_json(client, model, prompt):
-    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}])
+    """The first JSON object in the meta-LLM's reply (ValueError when there is none); a request
+    that fails after the client's retries raises EndpointError, in one line."""
+    import openai
+    try:
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}])
+    except openai.APIError as e:
+        raise agent_mod.meta_failure(client, model, e) from e
     return extract_json(r.choices[0].message.content)
 
 
-def llm_judge(items, client, model):
-    decisions = []
+def llm_judge(items, client, model, max_undecided_pct=10):
+    """The meta-LLM's decisions. A batch with items its reply decides nothing about is asked again
+    once; the items still undecided are marked so (dropped, never cached as judged), and more
+    than `max_undecided_pct` % of them stops the command: a judge that cannot answer is no judge."""
+    decisions, undecided, error = [], 0, None
     for chunk in batches(items):
-        got, error = {}, None
+        got = {}
         for _ in range(2):
             try:
                 obj = ask_json(client, model, judge_prompt(chunk))
-                got = {str(d["id"]): d for d in obj.get("decisions", []) if isinstance(d, dict) and "id" in d}
-                if got:
-                    break
-            except Exception as e:  # a bad reply is retried once, then its items are left out
+                got.update({str(d["id"]): d for d in obj.get("decisions", []) if isinstance(d, dict) and "id" in d})
+            except (ValueError, AttributeError) as e:
                 error = f"{type(e).__name__}: {e}"
+            if all(c["id"] in got for c in chunk):
+                break
+            error = error or "the reply decides nothing about some of the candidates"
         for c in chunk:
             d = got.get(c["id"])
             if d is None:
-                decisions.append({"id": c["id"], "keep": False,
-                                  "reason": "judge gave no decision" + (f" ({error})" if error else "")})
+                undecided += 1
+                decisions.append({"id": c["id"], "keep": False, "undecided": True,
+                                  "reason": f"judge gave no decision ({error})"})
             else:
                 decisions.append({"id": c["id"], "keep": bool(d.get("keep")), "reason": str(d.get("reason", ""))})
+    if items and 100 * undecided / len(items) > max_undecided_pct:
+        raise SystemExit(f"curate_sft.py: the judge {model} gave no decision for {undecided} of {len(items)} "
+                         f"candidates, asked twice (more than --max-undecided-pct {max_undecided_pct:g}); last "
+                         f"problem: {error}. Nothing written")
     return decisions
-
-
-def meta_client(base_url):
-    from openai import OpenAI
-    return OpenAI(base_url=base_url, max_retries=3, timeout=600,
-                  api_key=os.environ.get("OPENAI_API_KEY") or "EMPTY")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,7 +453,7 @@ def meta_client(base_url):
 # ---------------------------------------------------------------------------------------------
 
 def curate(runs, out, judge="heuristic", client=None, meta_model=None, top_pct=100, min_examples=300,
-           scaffold=None, judged=None):
+           scaffold=None, judged=None, max_undecided_pct=10):
     """Candidates -> six transforms -> judge -> checks -> the top `top_pct` % -> files in `out`.
     `judged` (id -> earlier verdict of the same judge) spares the meta-LLM a second look."""
     out = Path(out)
@@ -460,12 +470,14 @@ def curate(runs, out, judge="heuristic", client=None, meta_model=None, top_pct=1
             survivors.append(item)
     judged = judged or {}
     fresh = [c for c in survivors if c["id"] not in judged]
-    decisions = llm_judge(fresh, client, meta_model) if judge == "llm" else heuristic_judge(fresh)
+    decisions = (llm_judge(fresh, client, meta_model, max_undecided_pct) if judge == "llm"
+                 else heuristic_judge(fresh))
+    undecided = {d["id"] for d in decisions if d.get("undecided")}
     judged = {**judged, **{d["id"]: {"keep": d["keep"], "reason": d["reason"]} for d in decisions}}
     kept = []
     for c in survivors:
         j = judged[c["id"]]
-        verdict[c["id"]] = {**j, "judge": j}
+        verdict[c["id"]] = {**j, "judge": None if c["id"] in undecided else j}
         if j["keep"]:
             check_item(c, source_messages(c["source"], c["meta"]))
             kept.append(c)
@@ -482,7 +494,7 @@ def curate(runs, out, judge="heuristic", client=None, meta_model=None, top_pct=1
         for c in items:
             f.write(json.dumps({"id": c["id"], **verdict[c["id"]], "meta": c["meta"], "features": c["features"]}) + "\n")
     env_name = sorted({c["meta"]["env"] for c in items})[0]
-    stats = {"candidates": len(items), "kept": len(cut), "judge": judge, "top_pct": top_pct,
+    stats = {"candidates": len(items), "kept": len(cut), "judge": judge, "top_pct": top_pct, "undecided": len(undecided),
              "by_phase": {p: sum(c["meta"]["phase"] == p for c in cut) for p in ("log", "plan")},
              "candidates_by_phase": {p: sum(c["meta"]["phase"] == p for c in items) for p in ("log", "plan")},
              "by_episode": dict(Counter(f"{c['meta']['run']}/{c['meta']['env']}/{c['meta']['task']}/"
@@ -650,7 +662,7 @@ def decide(env_name, iteration, ledger, last_data, client=None, model=None, proc
     for _ in range(2):
         try:
             return checked_decision(ask_json(client, model, prompt), env_name, last_data, processes)
-        except Exception as e:
+        except (ValueError, AttributeError, TypeError, KeyError) as e:
             error = f"{type(e).__name__}: {e}"
             prompt = f"{prompt}\nYour previous answer was unusable ({error}); answer again."
     return heuristic_decision(env_name, iteration, processes, meta_error=error)
@@ -681,8 +693,11 @@ def iterate(args, client):
                     if d.get("judge"):
                         judged[d["id"]] = d["judge"]
         curate(args.run, out, args.judge, client, args.meta_model, decision["top_pct"],
-               decision["min_examples"], args.scaffold, judged)
+               decision["min_examples"], args.scaffold, judged, args.max_undecided_pct)
     n = json.loads((out / "selection_stats.json").read_text())["kept"]
+    if n == 0:
+        raise SystemExit(f"curate_sft.py: the data in {out} holds no example (selection_stats.json says why "
+                         "each candidate was dropped): no recipe written")
     for i, config in enumerate(decision["configs"], 1):
         ev.write_json(out / f"recipe_{i}.json", {**config, "chosen_by": decision["chosen_by"],
                                                  "reason": decision["reason"], "env": env_name,
@@ -707,6 +722,8 @@ def add_curation_arguments(p):
     p.add_argument("--report-seeds", default=None, help="e.g. 42-51 (default: the paper's, per game)")
     p.add_argument("--allow-report-seeds", action="store_true",
                    help="curate from episodes on the report seeds anyway")
+    p.add_argument("--max-undecided-pct", type=float, default=10,
+                   help="the llm judge fails the command when it decides nothing about more candidates than this")
 
 
 def check_curation_args(args):
@@ -721,14 +738,22 @@ def check_curation_args(args):
         args.judge = "llm" if args.meta_base_url else "heuristic"
     if args.judge == "llm" and not args.meta_base_url:
         raise ev.UsageError("the llm judge needs --meta-base-url (or use --judge heuristic)")
-    return meta_client(args.meta_base_url) if args.meta_base_url else None
+    if not args.meta_base_url:
+        return None
+    client = agent_mod.meta_client(args.meta_base_url)
+    try:
+        agent_mod.require_models(client, args.meta_base_url, [args.meta_model], "--meta-model", key_var="META_API_KEY")
+    except agent_mod.EndpointError as e:
+        raise agent_mod.EndpointError(f"the meta-LLM {args.meta_model}: {e}")
+    return client
 
 
 def curate_command(args):
     client = check_curation_args(args)
     if not 0 < args.top_pct <= 100:
         raise ev.UsageError("--top-pct must lie in (0, 100]")
-    curate(args.run, args.out, args.judge, client, args.meta_model, args.top_pct, args.min_examples, args.scaffold)
+    curate(args.run, args.out, args.judge, client, args.meta_model, args.top_pct, args.min_examples, args.scaffold,
+           max_undecided_pct=args.max_undecided_pct)
     return 0
 
 
@@ -826,6 +851,9 @@ def main(argv=None):
     except ValidityError as e:
         print(f"curate_sft.py: validity check failed, nothing more written: {e}", file=sys.stderr)
         return 1
+    except agent_mod.EndpointError as e:      # the meta-LLM's server: one line, in its own words
+        print(f"curate_sft.py {args.command}: {e}; nothing more written", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

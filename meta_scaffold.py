@@ -32,6 +32,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,7 @@ import numpy as np
 
 import agent as agent_mod
 import eval as ev
-from scaffolds import policy_line
+from scaffolds import STAGING, policy_line
 
 ROOT = Path(__file__).resolve().parent
 CODE_FILES = ("agent.py", "memory_fs.py", "envs.py", "eval.py", "README.md")
@@ -54,6 +55,11 @@ GREP_CHARS = 300             # grep shows this much of a matching line, around t
 MAX_STEPS_SHOWN = 200        # steps per read_steps call
 KEEP_RECENT = 6              # tool results never dropped from the context
 PYTHON_TIMEOUT = 60          # seconds for one run_python call
+CHARS_PER_TOKEN = 3          # a conservative guess (prose and code run 3.5-4): the context budget in characters
+REQUEST_TIMEOUT = 600        # seconds for one meta-LLM request, and never past --max-wall
+META_RETRIES = 3             # a request the server may answer next time is tried this often again
+NO_TOOL_REPLIES = 2          # replies without a tool call (one after a reminder) that find an endpoint without tool calling
+VALIDATE_TIMEOUT = 600       # seconds for the smoke episodes, and never past --max-wall
 
 
 def _tool(name, description, properties, required):
@@ -700,7 +706,7 @@ def smoke(scaffold_dir, games):
     return None
 
 
-def validate(new_dir, parent_dir, games):
+def validate(new_dir, parent_dir, games, timeout=VALIDATE_TIMEOUT):
     """None if the revision may be kept, else what is wrong (it goes back to the meta-LLM). The
     code it wrote is loaded and run only in a subprocess whose environment holds no credentials."""
     changed = structural_change(parent_dir, new_dir)
@@ -712,12 +718,15 @@ def validate(new_dir, parent_dir, games):
         return "write new/CHANGES.md: your analysis of the run and the method change"
     try:
         with tempfile.TemporaryDirectory(prefix="automem_home_") as home:
-            # cwd and HOME in a scratch folder: the scaffold's code starts where nothing of yours lies
+            # cwd and HOME in a scratch folder: the scaffold's code starts where nothing of yours lies;
+            # it is a copy under the name it will have, as a staging folder is no scaffold
+            copy = shutil.copytree(new_dir, Path(home, "scaffold", Path(new_dir).name.removesuffix(STAGING)),
+                                   symlinks=True)
             r = subprocess.run([sys.executable, str(ROOT / "meta_scaffold.py"), "validate",
-                                str(Path(new_dir).resolve()), *(f"{e}:{t}" for e, t in games)], cwd=home,
-                               capture_output=True, text=True, timeout=600, env=keyless_env(home))
+                                str(copy), *(f"{e}:{t}" for e, t in games)], cwd=home,
+                               capture_output=True, text=True, timeout=timeout, env=keyless_env(home))
     except subprocess.TimeoutExpired:
-        return "the validation did not finish in 600 s (a policy that loops forever?)"
+        return f"the validation did not finish in {timeout:.0f} s (a policy that loops forever, or --max-wall)"
     if r.returncode == 0:
         return None
     return r.stdout.strip() or f"the validation process failed:\n{r.stderr[-1500:]}"
@@ -749,25 +758,70 @@ def stamp_lineage(folder, parent, version):
 
 
 class MetaLLMError(Exception):
-    pass
+    """The endpoint cannot serve this proposal; the message is one line, in the server's words."""
+
+
+def context_length(client, model):
+    """The model's context in tokens where the server lists it (vLLM's /v1/models gives
+    max_model_len), else None."""
+    import openai
+    try:
+        listed = {m.id: m for m in client.models.list()}
+    except (openai.APIError, ValueError, AttributeError):
+        return None
+    extra = getattr(listed.get(model), "model_extra", None) or {}
+    n = extra.get("max_model_len") or extra.get("context_length")
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def meta_request(client, deadline, **request):
+    """One chat request within --max-wall: each try may take at most the seconds left before
+    `deadline`, and a failure the server may not repeat (a dropped connection, 429, 5xx) is tried
+    again, META_RETRIES times at most, while time is left. None once the time is out; any other
+    failure raises the client's error."""
+    import openai
+    for attempt in range(META_RETRIES + 1):
+        left = deadline - time.time()
+        if left <= 0:
+            return None
+        try:
+            timeout = agent_mod.request_timeout(min(REQUEST_TIMEOUT, left))
+            return client.with_options(timeout=timeout).chat.completions.create(**request)
+        except openai.APIError as e:
+            if time.time() >= deadline:       # cut by the deadline
+                return None
+            if not agent_mod.retryable(e) or attempt == META_RETRIES:
+                raise
+            time.sleep(min(2 ** attempt, max(0.0, deadline - time.time())))
+
+
+def failure_line(client, model, e):
+    """A failed meta-LLM request in one line with the server's words, and what helps, if anything."""
+    line = str(agent_mod.meta_failure(client, model, e))
+    if agent_mod.context_length_rejection(e):
+        return line + " (the conversation is over the model's context: lower --context-tokens)"
+    return line + (" (it may answer later: rerun then)" if agent_mod.retryable(e) else "")
 
 
 def run_meta_agent(client, model, messages, ws, budget, transcript):
     """The tool loop, until the meta-LLM calls finish ("finish", its analysis) or a budget runs
-    out ("budget" / "stopped", None). An endpoint that keeps failing raises MetaLLMError: that is
-    no attempt of the meta-LLM's and must not be recorded as one."""
+    out ("budget" / "stopped", None). An endpoint that fails, or that never calls a tool, raises
+    MetaLLMError: that is no attempt of the meta-LLM's and must not be recorded as one."""
     import openai
     reminded = False
     while True:
-        if budget["tool_calls"] <= 0 or budget["tokens"] <= 0 or time.time() > budget["deadline"]:
+        r = None
+        if budget["tool_calls"] > 0 and budget["tokens"] > 0:
+            fit_context(messages, budget["context_chars"])
+            try:
+                r = meta_request(client, budget["deadline"], model=model, messages=messages, tools=ws.tools,
+                                 max_completion_tokens=budget["reply_tokens"])
+            except openai.APIError as e:
+                transcript.append({"event": "meta-LLM error", "error": failure_line(client, model, e)})
+                raise MetaLLMError(transcript[-1]["error"])
+        if r is None:
             transcript.append({"event": "budget exhausted", "budget": dict(budget)})
             return "budget", None
-        fit_context(messages, budget["context_chars"])
-        try:
-            r = client.chat.completions.create(model=model, messages=messages, tools=ws.tools)
-        except openai.OpenAIError as e:
-            transcript.append({"event": "meta-LLM error", "error": str(e)})
-            raise MetaLLMError(f"{type(e).__name__}: {e}")
         if r.usage:
             budget["tokens"] -= r.usage.total_tokens
         msg = r.choices[0].message
@@ -779,6 +833,13 @@ def run_meta_agent(client, model, messages, ws, budget, transcript):
                                    for c in msg.tool_calls]
         messages.append(entry)
         transcript.append(entry)
+        replies = [e for e in transcript if e.get("role") == "assistant"]
+        if len(replies) >= NO_TOOL_REPLIES and not any(e.get("tool_calls") for e in replies):
+            transcript.append({"event": "meta-LLM error", "error": (
+                f"the meta-LLM {model} at {str(client.base_url).rstrip('/')} answered {len(replies)} requests "
+                "that offered tools without calling one: the endpoint does not do tool calling (vLLM does when "
+                "started with --enable-auto-tool-choice --tool-call-parser <parser>, e.g. hermes for Qwen2.5)")})
+            raise MetaLLMError(transcript[-1]["error"])
         if not msg.tool_calls:
             if reminded:
                 return "stopped", None
@@ -807,17 +868,33 @@ def run_meta_agent(client, model, messages, ws, budget, transcript):
             return "finish", analysis
 
 
-def propose(args):
-    from openai import OpenAI
+def opening_problem(messages, tools, context, source, reply_tokens):
+    """Why the opening prompt cannot be sent (one line), or None; `context`: the model's tokens."""
+    size = sum(len(json.dumps(m, ensure_ascii=False)) for m in [*messages, *tools])
+    room = (context - reply_tokens) * CHARS_PER_TOKEN
+    if size <= room:
+        return None
+    return (f"the opening prompt (instructions, tools, the run's digest and the loop's history: about "
+            f"{size // CHARS_PER_TOKEN:,} tokens) does not fit the meta-LLM's context of {context:,} tokens "
+            f"({source}) less --meta-max-tokens {reply_tokens:,}: use a model with a longer context")
 
+
+def propose(args):
+    deadline = time.time() + args.max_wall
     parent = agent_mod.load_scaffold(args.scaffold)
     run = Path(args.run)
     games = sorted({(e, t) for e, t, _ in ev.planned_episodes(settings(run))})
     out = (Path(args.out) if args.out else agent_mod.SCAFFOLDS / next_version()).resolve()
-    staging = out.with_name(out.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(parent.path, staging, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-    stamp_lineage(staging, parent.name, out.name)
+    staging = out.with_name(out.name + STAGING)
+    client = agent_mod.meta_client(args.meta_base_url, max_retries=0)   # meta_request retries
+    try:
+        agent_mod.require_models(client, args.meta_base_url, [args.meta_model], "--meta-model", key_var="META_API_KEY")
+    except agent_mod.EndpointError as e:
+        print(f"meta_scaffold.py: the meta-LLM {args.meta_model}: {e}; nothing recorded", file=sys.stderr)
+        return 3
+    context = context_length(client, args.meta_model)
+    source = "as the server reports it" if context else "--context-tokens"
+    context = context or args.context_tokens
     log = Path(args.log).resolve() if args.log else None
     ws = Workspace(run, parent.path, staging, analyses=log and log.parent / "analysis", versions=out.parent,
                    allow_python=args.allow_python)
@@ -825,27 +902,34 @@ def propose(args):
     if log:
         user += "\n\n" + history_text(log)
     messages = [{"role": "system", "content": META_SYSTEM + "\n\n" + META_VIEW}, {"role": "user", "content": user}]
-    transcript = [{"event": "start", "parent": parent.name, "run": str(run), "out": str(out)}, *messages]
-    budget = {"tool_calls": args.max_tool_calls, "tokens": args.max_tokens, "context_chars": args.context_chars,
-              "deadline": time.time() + args.max_wall}
-    client = OpenAI(base_url=args.meta_base_url, max_retries=3, timeout=600,
-                    api_key=os.environ.get("META_API_KEY") or "EMPTY")
+    if problem := opening_problem(messages, ws.tools, context, source, args.meta_max_tokens):
+        print(f"meta_scaffold.py: {problem}; nothing recorded", file=sys.stderr)
+        return 2
+    transcript = [{"event": "start", "parent": parent.name, "run": str(run), "out": str(out),
+                   "context_tokens": context, "context_from": source}, *messages]
+    budget = {"tool_calls": args.max_tool_calls, "tokens": args.max_tokens, "reply_tokens": args.meta_max_tokens,
+              "context_chars": (context - args.meta_max_tokens) * CHARS_PER_TOKEN
+                               - len(json.dumps(ws.tools, ensure_ascii=False)),
+              "deadline": deadline}
     record = log and args.iteration is not None
     slot = {"iteration": args.iteration, "attempt": args.attempt, "parent": str(parent.path.resolve()),
             "candidate": str(out)}
     problem, analysis = "no attempt made", None
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(parent.path, staging, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    stamp_lineage(staging, parent.name, out.name)
     try:
         for rnd in range(1, args.rounds + 1):
             try:
                 status, said = run_meta_agent(client, args.meta_model, messages, ws, budget, transcript)
             except MetaLLMError as e:
-                shutil.rmtree(staging, ignore_errors=True)
-                print(f"meta_scaffold.py: the meta-LLM endpoint failed ({e}); nothing recorded, rerun to "
-                      "try again", file=sys.stderr)
+                print(f"meta_scaffold.py: {e}; nothing recorded", file=sys.stderr)
                 return 3
             analysis = said or analysis
             stamp_lineage(staging, parent.name, out.name)  # the meta-LLM may have rewritten the file
-            problem = validate(staging, parent.path, games)
+            left = budget["deadline"] - time.time()
+            problem = (validate(staging, parent.path, games, min(VALIDATE_TIMEOUT, left)) if left > 0 else
+                       f"--max-wall {args.max_wall:g} s ran out before a valid revision")
             transcript.append({"event": "validation", "round": rnd, "status": status, "problem": problem})
             if problem is None:
                 os.replace(staging, out)
@@ -858,13 +942,18 @@ def propose(args):
                                                "Fix it in new/ and call finish again."}
             messages.append(note)
             transcript.append(note)
-        shutil.rmtree(staging, ignore_errors=True)
+            if left <= 0:
+                break
         if record:
             append_event(log, {"event": "invalid", **slot, "problem": problem.splitlines()[0]})
-        print(f"meta_scaffold.py: no valid revision after {args.rounds} validation rounds: "
+        print(f"meta_scaffold.py: no valid revision after {rnd} validation round(s): "
               f"{problem.splitlines()[0]}", file=sys.stderr)
         return 1
+    except BaseException as e:     # Ctrl-C, SIGTERM (main turns it into SystemExit)
+        transcript.append({"event": "stopped", "by": type(e).__name__})
+        raise
     finally:
+        shutil.rmtree(staging, ignore_errors=True)     # kept revisions were moved to `out` already
         out.with_name(out.name + ".transcript.json").write_text(json.dumps(transcript, indent=1, ensure_ascii=False))
         if analysis:
             analysis_path(out).write_text(analysis.strip() + "\n")
@@ -1184,9 +1273,12 @@ def build_parser():
                          "environment, but the user's file rights: opt in)")
     pp.add_argument("--max-tool-calls", type=int, default=200)
     pp.add_argument("--max-tokens", type=int, default=3_000_000)
-    pp.add_argument("--context-chars", type=int, default=400_000,
-                    help="older tool results are dropped to keep the conversation under this")
-    pp.add_argument("--max-wall", type=float, default=3600, help="seconds")
+    pp.add_argument("--meta-max-tokens", type=int, default=16_384, help="the longest reply of one meta-LLM request")
+    pp.add_argument("--context-tokens", type=int, default=128_000,
+                    help="the meta-LLM's context when the server does not report it (vLLM's /v1/models does): "
+                         "older tool results are dropped to keep the conversation within it")
+    pp.add_argument("--max-wall", type=float, default=3600,
+                    help="seconds for the whole proposal, requests and validation included")
     pg = sub.add_parser("gate", help="accept a candidate run only if its paired improvement is significant")
     pg.add_argument("--base", required=True)
     pg.add_argument("--candidate", default=None)
@@ -1259,6 +1351,7 @@ def main(argv=None):
         p.exit(2, "meta_scaffold.py: error: --iteration and --attempt go together, with --log\n")
     if args.log and (problem := judged_seeds_shown(args.log, args.run)):
         p.exit(2, f"meta_scaffold.py: error: {problem}\n")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a killed proposal cleans up as Ctrl-C does
     return propose(args)
 
 

@@ -428,13 +428,20 @@ class Scaffold:
         return render_template(template, fields)
 
 
+STAGING = ".staging"   # meta_scaffold.py propose writes a revision in vN.staging/ until it validates
+
+
 def scaffold_dir(name_or_path):
     p = Path(name_or_path)
+    if p.name.endswith(STAGING):
+        raise ScaffoldError(f"{name_or_path} is a revision that meta_scaffold.py propose is writing or was "
+                            "stopped writing, not a scaffold")
     if p.is_dir() and (p / "scaffold.json").exists():
         return p
     if (SCAFFOLDS / str(name_or_path)).is_dir():
         return SCAFFOLDS / str(name_or_path)
-    known = ", ".join(sorted(d.name for d in SCAFFOLDS.iterdir() if d.is_dir() and not d.name.startswith("_")))
+    known = ", ".join(sorted(d.name for d in SCAFFOLDS.iterdir() if d.is_dir() and not d.name.startswith("_")
+                     and not d.name.endswith(STAGING)))
     raise ScaffoldError(f"unknown scaffold {name_or_path!r}: not a folder with scaffold.json, "
                         f"nor one of scaffolds/ ({known})")
 

@@ -352,7 +352,7 @@ def test_curate_with_a_scripted_llm_judge_that_sees_whole_examples(tmp_path, scr
         return "```json\n" + json.dumps({"decisions": [
             {"id": i, "keep": phase == "log" or int(i, 16) % 2 == 0, "reason": f"scripted: {phase}"}
             for i, phase in ids]}) + "\n```"
-    with ScriptedServer(judge) as server:
+    with ScriptedServer(judge, models=("judge",)) as server:
         r = run_py(ROOT / "curate_sft.py", "--run", scripted_run, "--scaffold", "v0", "--out", tmp_path / "sft",
                    "--meta-base-url", server.url, "--meta-model", "judge", "--min-examples", "5")
         prompts = [b["messages"][0]["content"] for b in server.requests]
@@ -374,6 +374,78 @@ def test_curate_with_a_scripted_llm_judge_that_sees_whole_examples(tmp_path, scr
               for ex in plan_examples}
     assert ("<|SEARCH|>survival_log.txt|seen<|END|>",) in shapes
     assert any(len(s) == 2 and s[1].startswith("<|ACTION|>") for s in shapes)
+
+
+def judge_ids(body):
+    return re.findall(r"### candidate (\w+) \(", body["messages"][0]["content"])
+
+
+def test_an_unparseable_judge_reply_is_asked_again_and_undecided_items_fail_the_command(tmp_path, scripted_run):
+    """A reply without JSON is asked again once; a judge that never answers stops the command in
+    one line, with nothing written; below --max-undecided-pct the undecided items are dropped as
+    such, counted, and never cached as judged."""
+    replies = ["Sure! These look fine to me."]
+
+    def judge(body):
+        return replies.pop(0) if replies else json.dumps({"decisions": [
+            {"id": i, "keep": True, "reason": "scripted"} for i in judge_ids(body)]})
+    args = ["--run", scripted_run, "--scaffold", "v0", "--meta-base-url", None, "--meta-model", "scripted",
+            "--min-examples", "1"]
+    with ScriptedServer(judge) as server:
+        args[5] = server.url
+        r = run_py(ROOT / "curate_sft.py", *args, "--out", tmp_path / "again")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert [len(judge_ids(b)) for b in server.requests if b.get("messages")] == [38, 38, 7]   # two batches
+    stats = json.loads((tmp_path / "again/selection_stats.json").read_text())
+    assert stats["undecided"] == 0 and stats["kept"] == 45
+    with ScriptedServer(lambda body: "I cannot judge these.") as server:
+        args[5] = server.url
+        r = run_py(ROOT / "curate_sft.py", *args, "--out", tmp_path / "never")
+        assert len([b for b in server.requests if b.get("messages")]) == 4
+        assert r.returncode == 1 and r.stderr.strip() == (
+            "curate_sft.py: the judge scripted gave no decision for 45 of 45 candidates, asked twice (more than "
+            "--max-undecided-pct 10); last problem: ValueError: no JSON object in the reply. Nothing written")
+        assert not (tmp_path / "never").exists()
+        r = run_py(ROOT / "curate_sft.py", *args, "--out", tmp_path / "some", "--max-undecided-pct", "100")
+        assert r.returncode == 0, r.stderr[-2000:]
+        r = run_py(ROOT / "curate_sft.py", "iterate", *args[:-2], "--out", tmp_path / "iter1", "--max-undecided-pct", "100",
+                   "--ledger", tmp_path / "ledger.jsonl")     # the engine's decision falls back to the heuristic
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+            f"curate_sft.py: the data in {tmp_path / 'iter1'} holds no example (selection_stats.json says why each "
+            "candidate was dropped): no recipe written")
+        assert not list((tmp_path / "iter1").glob("recipe_*.json"))
+    stats = json.loads((tmp_path / "some/selection_stats.json").read_text())
+    assert stats["undecided"] == 45 and stats["kept"] == 0
+    decisions = [json.loads(x) for x in (tmp_path / "some/review_decisions.jsonl").read_text().splitlines()]
+    undecided = [d for d in decisions if d["reason"].startswith("judge gave no decision (ValueError")]
+    assert len(undecided) == 45 and all(d["judge"] is None for d in undecided)
+
+
+def test_the_meta_llm_client_of_both_loops_sends_its_own_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-agent")
+    monkeypatch.setenv("META_API_KEY", "sk-meta")
+    assert agent.meta_client("http://127.0.0.1:9/v1").api_key == "sk-meta"
+    monkeypatch.delenv("META_API_KEY")
+    assert agent.meta_client("http://127.0.0.1:9/v1").api_key == "EMPTY"
+
+
+def test_a_failing_meta_endpoint_ends_curation_and_the_engine_in_one_line(tmp_path, scripted_run):
+    """Stopped, serving another model, or failing after the client's retries: exit 3, one line
+    naming the endpoint, the model and the server's words; nothing written, no fallback."""
+    base = ["--run", scripted_run, "--scaffold", "v0", "--out", tmp_path / "sft"]
+    r = run_py(ROOT / "curate_sft.py", *base, "--meta-base-url", "http://127.0.0.1:9/v1", "--meta-model", "m")
+    assert r.returncode == 3 and r.stderr.strip().startswith(
+        "curate_sft.py curate: the meta-LLM m: cannot reach http://127.0.0.1:9/v1 (APIConnectionError: ")
+    with ScriptedServer(lambda body: "http_503", models=("meta",)) as server:
+        r = run_py(ROOT / "curate_sft.py", *base, "--meta-base-url", server.url, "--meta-model", "judge")
+        assert r.returncode == 3 and r.stderr == (f"curate_sft.py curate: the meta-LLM judge: {server.url} does not "
+                                                  "serve judge (it serves: meta); check --meta-model; nothing more written\n")
+        r = run_py(ROOT / "curate_sft.py", "iterate", *base, "--meta-base-url", server.url, "--meta-model", "meta",
+                   "--ledger", tmp_path / "ledger.jsonl", "--judge", "heuristic")
+        assert len(server.requests) == 4          # the decision, tried again 3 times by the client
+    assert r.returncode == 3 and r.stderr == (f"curate_sft.py iterate: the meta-LLM meta at {server.url} failed: HTTP 503: "
+                                              "scripted failure 503; nothing more written\n")
+    assert not (tmp_path / "sft").exists()
 
 
 def test_candidate_ids_stay_unique_across_runs_of_the_same_name(tmp_path, scripted_run):
@@ -745,7 +817,7 @@ def test_engine_asks_again_once_for_a_usable_decision_that_splits_over_the_proce
     answers = [{"data": "regenerate", "configs": [small], "reason": "odd"},
                {"data": "regenerate", "configs": [{**small, "grad_accum": 2}], "reason": "even"}, "no JSON", "{}"]
     with ScriptedServer(lambda body: json.dumps(answers.pop(0))) as server:
-        client = cs.meta_client(server.url)
+        client = agent.meta_client(server.url)
         d = cs.decide("crafter", 1, [], None, client, "meta", processes=4)
         assert d["chosen_by"] == "meta-llm" and d["configs"] == [{**small, "grad_accum": 2}] and d["reason"] == "even"
         first, again = [b["messages"][0]["content"] for b in server.requests]
@@ -816,7 +888,7 @@ def test_loop2_with_a_scripted_meta_llm_and_a_served_model(tmp_path, scripted_ru
                PYTHON=sys.executable, CONCURRENCY="2", RUNS=str(tmp_path / "runs"), SFT=str(tmp_path / "sft"),
                LAUNCH=f"{sys.executable} -m accelerate.commands.launch --num_processes 1 --cpu",
                ADAPTERS=str(tmp_path / "adapters"))
-    with ScriptedServer(meta) as meta_server, game_server:
+    with ScriptedServer(meta, models=("meta",)) as meta_server, game_server:
         env.update(BASE_URL=game_server.url, META_BASE_URL=meta_server.url)
         r = subprocess.run(["bash", str(ROOT / "scripts" / "loop2.sh")], capture_output=True, text=True, env=env,
                            timeout=1200)

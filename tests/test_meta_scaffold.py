@@ -171,10 +171,10 @@ def test_hostile_scaffolds_are_refused_before_any_episode(tmp_path, base_run, mo
         return rounds[k][min(sum(1 for m in msgs[last_user:] if m["role"] == "assistant"), 2)]
     with ScriptedServer(script) as server:
         r = propose(server, base_run, tmp_path / "v1", "--rounds", "3")
-    assert r.returncode == 1 and "no valid revision after 3 validation rounds" in r.stderr
+    assert r.returncode == 1 and "no valid revision after 3 validation round(s)" in r.stderr
     lines = r.stderr.splitlines()
     for k, (_, why) in enumerate(HOSTILE, 1):
-        assert lines[k - 1].startswith(f"round {k}: the scaffold does not load: scaffold v1.staging: {why}"), lines
+        assert lines[k - 1].startswith(f"round {k}: the scaffold does not load: scaffold v1: {why}"), lines
     assert "smoke episode" not in r.stderr and not Path("/tmp/automem_escape.txt").exists()
     assert not (tmp_path / "v1").exists()
     env = ms.keyless_env(tmp_path / "home")                                         # what validation runs with
@@ -197,6 +197,118 @@ def test_wording_or_limits_only_revisions_are_refused(tmp_path, base_run):
     (v1 / "policy.py").write_text((V0 / "policy.py").read_text() + V1_POLICY_TAIL)
     (v1 / "prompts" / "target.txt").write_text(V1_TARGET)
     assert ms.structural_change(V0, v1) == ["policy.py", "prompts"]
+
+
+def one_error_line(r):
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr[-2000:]
+    return lines[0]
+
+
+def test_an_endpoint_without_tool_calling_stops_after_two_replies(tmp_path, base_run):
+    """It answers in prose although tools are offered: two requests (the second after a reminder),
+    then one line that says so and how vLLM switches tool calling on; every request carries
+    --meta-max-tokens; nothing is recorded, and no staging folder stays."""
+    with ScriptedServer(lambda body: "I would look at the traces first.") as server:
+        r = propose(server, base_run, tmp_path / "v1", "--meta-max-tokens", "123")
+    assert r.returncode == 3
+    assert one_error_line(r) == (
+        f"meta_scaffold.py: the meta-LLM scripted at {server.url} answered 2 requests that offered tools without "
+        "calling one: the endpoint does not do tool calling (vLLM does when started with --enable-auto-tool-choice "
+        "--tool-call-parser <parser>, e.g. hermes for Qwen2.5); nothing recorded")
+    chats = [b for b in server.requests if b.get("tools")]
+    assert len(chats) == 2 and all(b["max_completion_tokens"] == 123 for b in chats)
+    transcript = json.loads((tmp_path / "v1.transcript.json").read_text())
+    assert transcript[-1]["event"] == "meta-LLM error" and "without calling one" in transcript[-1]["error"]
+    assert sorted(os.listdir(tmp_path)) == ["v1.transcript.json"]
+
+
+@pytest.mark.parametrize("fault,said,advice", [
+    ("context_length", "HTTP 400: 'max_tokens' or 'max_completion_tokens' is too large", "lower --context-tokens"),
+    (500, "HTTP 500: scripted failure 500", "it may answer later: rerun then"),
+    (422, "HTTP 422: scripted failure 422", None),
+])
+def test_a_failing_meta_llm_is_named_in_the_servers_words(tmp_path, base_run, fault, said, advice):
+    """Terminal and transcript carry the server's status and message; a 5xx is tried again
+    (3 times) and may pass on a rerun; a 400 for the context or a 422 is refused as sent, and
+    nothing says a rerun helps."""
+    with ScriptedServer(lambda body: fault) as server:
+        r = propose(server, base_run, tmp_path / "v1")
+    line = one_error_line(r)
+    assert r.returncode == 3 and line.startswith(f"meta_scaffold.py: the meta-LLM scripted at {server.url} failed: {said}")
+    assert (advice in line) if advice else ("rerun" not in line and "(" not in line.split(said)[1])
+    assert len([b for b in server.requests if b.get("tools")]) == (4 if fault == 500 else 1)
+    assert said in json.loads((tmp_path / "v1.transcript.json").read_text())[-1]["error"]
+    assert not (tmp_path / "v1.staging").exists()
+
+
+def test_the_context_budget_and_an_opening_prompt_over_it(tmp_path, base_run):
+    """The model's context comes from the server where it lists it (vLLM's max_model_len), else
+    from --context-tokens; an opening prompt over it is refused in one line, before any request."""
+    with ScriptedServer(lambda body: "prose") as server:
+        r = propose(server, base_run, tmp_path / "v1", "--context-tokens", "3000")
+        assert not [b for b in server.requests if b.get("tools")]
+    assert r.returncode == 2 and re.fullmatch(
+        r"meta_scaffold.py: the opening prompt \(instructions, tools, the run's digest and the loop's history: about "
+        r"[\d,]+ tokens\) does not fit the meta-LLM's context of 3,000 tokens \(--context-tokens\) less "
+        r"--meta-max-tokens 16,384: use a model with a longer context; nothing recorded", one_error_line(r))
+    assert not list(tmp_path.iterdir())
+
+    class Listed:
+        def __init__(self, extra):
+            self.model_extra = extra
+            self.id = "m"
+
+    class Client:
+        def __init__(self, extra):
+            self.models = type("Models", (), {"list": lambda _: [Listed(extra)]})()
+    assert ms.context_length(Client({"max_model_len": 32768}), "m") == 32768
+    assert ms.context_length(Client({}), "m") is None and ms.context_length(Client({}), "other") is None
+
+
+def test_max_wall_bounds_every_request_and_the_whole_proposal(tmp_path, base_run):
+    """A meta-LLM that takes 60 s per answer under --max-wall 4: the request is cut when the time
+    is out, and the proposal ends as an attempt that ran out of time."""
+    with ScriptedServer(lambda body: "slow", delay=60) as server:
+        t0 = time.time()
+        r = propose(server, base_run, tmp_path / "v1", "--max-wall", "4")
+        took = time.time() - t0
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "meta_scaffold.py: no valid revision after 1 validation round(s): --max-wall 4 s ran out before a valid revision")
+    assert took < 40, took     # the process's start and imports, and 4 s
+    assert not (tmp_path / "v1.staging").exists()
+
+
+def test_a_stopped_proposal_leaves_no_staging_and_a_staging_folder_is_no_scaffold(tmp_path, base_run):
+    with ScriptedServer(lambda body: "slow", delay=60) as server:
+        p = subprocess.Popen([sys.executable, str(ROOT / "meta_scaffold.py"), "propose", "--scaffold", "v0", "--run",
+                              str(base_run), "--out", str(tmp_path / "v1"), "--meta-base-url", server.url,
+                              "--meta-model", "scripted"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not [b for b in server.requests if b.get("tools")] and time.time() < deadline:
+            time.sleep(0.2)
+        assert (tmp_path / "v1.staging").is_dir()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 143
+    assert not (tmp_path / "v1.staging").exists()
+    assert json.loads((tmp_path / "v1.transcript.json").read_text())[-1] == {"event": "stopped", "by": "SystemExit"}
+    staged = shutil.copytree(V0, tmp_path / "v2.staging")
+    with pytest.raises(agent.ScaffoldError, match="v2.staging is a revision that meta_scaffold.py propose is writing"):
+        agent.load_scaffold(staged)
+
+
+def test_a_stopped_or_wrong_meta_endpoint_is_refused_before_anything(tmp_path, base_run):
+    with ScriptedServer(lambda body: "x", models=("meta",)) as server:
+        r = propose(server, base_run, tmp_path / "v1")
+    assert r.returncode == 3 and one_error_line(r) == (
+        f"meta_scaffold.py: the meta-LLM scripted: {server.url} does not serve scripted (it serves: meta); check "
+        "--meta-model; nothing recorded")
+    r = subprocess.run([sys.executable, str(ROOT / "meta_scaffold.py"), "propose", "--scaffold", "v0", "--run",
+                        str(base_run), "--out", str(tmp_path / "v1"), "--meta-base-url", "http://127.0.0.1:9/v1",
+                        "--meta-model", "m"], capture_output=True, text=True)
+    assert r.returncode == 3 and one_error_line(r).startswith(
+        "meta_scaffold.py: the meta-LLM m: cannot reach http://127.0.0.1:9/v1 (APIConnectionError: Connection error. (")
+    assert not list(tmp_path.iterdir())
 
 
 def test_writes_outside_the_new_scaffold_are_refused(tmp_path, base_run):
@@ -274,6 +386,8 @@ def test_sign_flip_p_values_are_exact():
     assert ev.sign_flip_p([5.0] * 6)[0] == 1 / 64
     assert ev.sign_flip_p([5.0] * 4)[0] == 1 / 16          # 4 wins of 4: the authors' rule accepts, this does not
     assert ev.sign_flip_p([0.0] * 8)[0] == 1.0
+    assert list(ev.sign_flip_p([[3.0], [0.0], [-2.0]])) == [0.5, 1.0, 1.0]    # one pair: its 2 patterns
+    assert np.isnan(ev.sign_flip_p([np.nan, 5.0, 5.0])[0])                  # never accepted
     d = np.random.default_rng(0).normal(1, 3, 11)
     brute = np.mean([np.dot(s, d) >= d.sum() - 1e-9 for s in itertools.product((-1, 1), repeat=11)])
     assert ev.sign_flip_p(d)[0] == pytest.approx(brute)

@@ -70,7 +70,7 @@ def test_the_move_at_4_visits_is_mandatory(searching):
     at = [prompt(records[3]).find(part) for part in (
         "You are playing MiniHack", "You keep a memory of this episode", "TIPS FOR THIS TASK (rooms joined",
         "Spatial notes:", "Do not repeat your last action (search)", "Your last 3 actions, oldest first:\n"
-        "  1: search\n  2: search\n  3: search\n\nREPETITION: you have done search three times in a row",
+        "  1: search\n  2: search\n  3: search\n\nREPETITION: search, search, search: the same action three times running",
         "MAP ANALYSIS (around @):\nDoors next to you: east: + closed door (open it)\n"
         "Doors on the map: + about 2 squares northeast\n", "EXPLORATION STATUS:", "MANDATORY MOVE\nYou",
         "Memory files (name and number of lines):\nactions_log.txt (2 lines)\ndungeon_map.txt (1 line)\n"
