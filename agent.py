@@ -1166,7 +1166,7 @@ class HFBackend:
         cache = StaticCache(config=self.model.config, max_cache_len=width + 1 + self.max_new_tokens)
         static = []  # per layer: the cache's own key and value tensors, batch x heads x length x dim
         for b, (row, k) in enumerate(zip(ids, keep)):
-            part = self.model(input_ids=row[k][None, :-1], use_cache=True, logits_to_keep=1).past_key_values
+            part = getattr(self.model(input_ids=row[k][None, :-1], use_cache=True, logits_to_keep=1), self.cache_keyword)
             for i, layer in enumerate(part.layers):
                 if b == 0:  # allocate the layer on its device; the positions left blank are padding
                     blanks = [t.new_zeros((len(ids), t.shape[1], width, t.shape[3])) for t in (layer.keys, layer.values)]

@@ -62,7 +62,7 @@ def test_every_row_and_a_rerun_after_a_kill_redoes_no_finished_episode(tmp_path)
     assert "Model: **tiny-random**" in report and "A tiny random model proves plumbing, not skill" in report
     for row in ROWS:
         line = next(x for x in report.splitlines() if x.startswith(f"| **{row}** |"))
-        assert line.startswith(f"| **{row}** | tiny-random | ") and line.count(" †") == 3
+        assert line.startswith(f"| **{row}** | tiny-random | ") and line.count(" †") == 4   # each game and the overall
     assert "| paper: AutoMem + scaffold opt. (loop 1) | Qwen/Qwen2.5-32B-Instruct | 47.27 ± 2.05 | 27.50 ± 7.06 | " \
            "1.57 ± 0.35 | 25.45 ± 2.45 |" in report
     assert "- crafter: at most 1 steps per episode (paper: 2,000); 1 episode, seeds 42 (paper: 10 episodes, seeds " \
@@ -100,10 +100,11 @@ def test_the_two_model_row_is_the_converged_scaffolds_with_a_specialist_beside_t
     rows = [x.split(" | ")[0][2:] for x in table.split("## Cost")[0].splitlines() if x.startswith("| **")]
     assert rows == ["**naive**", "**v0**", "**+ scaffold opt.**", "**+ memory training**", "**v3**"]
     assert ("| **+ memory training** | Qwen/Qwen2.5-32B-Instruct + specialist adapters/best | 20.00 ± 7.07 † | "
-            "20.00 ± 7.07 | 20.00 ± 7.07 | 20.00 ± 4.08 |") in table          # overall SE: sqrt(3 x 7.07²) / 3
+            "20.00 ± 7.07 | 20.00 ± 7.07 | 20.00 ± 4.08 † |") in table        # overall SE: sqrt(3 x 7.07²) / 3; † as crafter's
     assert ("| paper: AutoMem + memory training (loop 2) | Qwen/Qwen2.5-32B-Instruct | 51.36 ± 3.81 | 30.00 ± 7.25 | "
             "1.85 ± 0.44 | 27.74 ± 2.73 |") in table
     assert "| **v3** | Qwen/Qwen2.5-32B-Instruct | 20.00 ± 7.07 | - | - | - |" in table   # no paper row, no overall
+    assert "| **v0** | Qwen/Qwen2.5-32B-Instruct | 20.00 ± 7.07 | 20.00 ± 7.07 | 20.00 ± 7.07 | 20.00 ± 4.08 |" in table
     assert "| Qwen2.5-72B-Instruct | 27.30 ± 3.60 | 5.00 ± 3.40 | 0.30 ± 0.30 | 10.87 ± 1.65 |" in table
     # the bootstrap of the row's three runs pooled as one overall figure, beside each game's own
     cell = "20.00 [10.00, 30.00]; IQM 20.00 [10.00, 30.00]"
