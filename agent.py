@@ -9,7 +9,7 @@ through MemoryFS, never once the step's action is being decided, never from a re
 policy sees plain data and file names, never the game, the memory object, the trace writer or
 another episode (policy.py runs afresh per episode); policy.py is checked when it is loaded
 (scaffolds/__init__.py) and runs under a step budget; a policy error fails its episode. The API
-is in README.md, "Writing a scaffold".
+is in scaffolds/README.md.
 
 Agents: `memory` (a scaffold's policy), and BALROG's baselines as the paper ran them: `naive` and
 `cot` (the last 16 observations and 16 actions; bare action / reasoning then `ACTION:`), and
@@ -190,7 +190,7 @@ class Routine:
 # ---------------------------------------------------------------------------------------------
 
 class Episode:
-    """What a scaffold's policy sees of its episode (README, "Writing a scaffold"): plain data
+    """What a scaffold's policy sees of its episode (scaffolds/README.md): plain data
     and file names, each read a fresh copy or immutable. The harness's own objects sit behind
     names starting with `_`, which policy code cannot reach, and policy code assigns no attribute.
     `fallback` is the action run when a step commits none (one the game does not accept runs the
@@ -1166,7 +1166,7 @@ class HFBackend:
         cache = StaticCache(config=self.model.config, max_cache_len=width + 1 + self.max_new_tokens)
         static = []  # per layer: the cache's own key and value tensors, batch x heads x length x dim
         for b, (row, k) in enumerate(zip(ids, keep)):
-            part = self.model(input_ids=row[k][None, :-1], use_cache=True, logits_to_keep=1).past_key_values
+            part = getattr(self.model(input_ids=row[k][None, :-1], use_cache=True, logits_to_keep=1), self.cache_keyword)
             for i, layer in enumerate(part.layers):
                 if b == 0:  # allocate the layer on its device; the positions left blank are padding
                     blanks = [t.new_zeros((len(ids), t.shape[1], width, t.shape[3])) for t in (layer.keys, layer.values)]
@@ -1281,7 +1281,8 @@ def tiny_random_path(vocab_size=2048, seed=0):
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     import envs
-    corpus = [p.read_text() for p in SCAFFOLDS.rglob("*") if p.is_file() and p.suffix in (".txt", ".md")]
+    corpus = [p.read_text() for p in SCAFFOLDS.rglob("*")    # the scaffolds' texts, not the API's README
+              if p.is_file() and p.suffix in (".txt", ".md") and p.parent != SCAFFOLDS]
     corpus += [f"<|{op}|>file.md|text<|END|>" for op in ALL_OPS] + list(envs.CRAFTER_ACTIONS)
     for name, task in (("crafter", None), ("minihack", "MiniHack-Corridor-R3-v0"), ("nle", None)):
         env = envs.make_env(name, task, seed=0)

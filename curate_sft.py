@@ -765,6 +765,8 @@ def iterate_command(args):
 
 
 def seeds_command(args):
+    if args.n < 1 or args.skip < 0:
+        raise ev.UsageError("--n must be at least 1 and --skip at least 0")
     print(",".join(map(str, training_seeds(args.n, args.skip))))
     return 0
 

@@ -4,7 +4,7 @@
 BALROG's text observation (`long_term_context`, `short_term_context`) character for character,
 whose `instruction` is BALROG's instruction prompt (data/balrog_instructions.json), with BALROG's
 progression, plus the seeding fixes that make every episode reproducible from its
-seed (see ../shared/specs). `nle_language(obs)` is the NetHack/MiniHack text as a pure function.
+seed. `nle_language(obs)` is the NetHack/MiniHack text as a pure function.
 
     python envs.py --env crafter --seed 42          # instruction + first observation
     python envs.py --env minihack --task MiniHack-Corridor-R3-v0 --play
@@ -590,7 +590,7 @@ def _boxoban_folder():
     if not root or not Path(root, "hard").is_dir():
         raise FileNotFoundError(
             f"Boxoban levels not found (BOXOBAN_LEVELS={root!r}). Set BOXOBAN_LEVELS to a folder "
-            "holding hard/ and medium/train/ (e.g. ../shared/data/boxoban-levels), or fetch them "
+            "holding hard/ and medium/train/, or fetch them "
             "with `python -m minihack.scripts.download_boxoban_levels` and point the variable there.")
     return root
 

@@ -47,7 +47,7 @@ from scaffolds import STAGING, policy_line
 
 ROOT = Path(__file__).resolve().parent
 CODE_FILES = ("agent.py", "memory_fs.py", "envs.py", "eval.py", "README.md")
-CODE_ENTRIES = (*CODE_FILES, "scaffolds", "scripts", "tests")      # all that code/ shows
+CODE_ENTRIES = (*CODE_FILES, "docs", "scaffolds", "scripts", "tests")      # all that code/ shows
 RESULT_CHARS = 16_000        # any tool result is cut here, with a note of what was cut
 FIELD_CHARS = 3_000          # one field of one trace step, when a step is shown whole
 LINE_CHARS = 2_000           # read_file cuts longer lines (trace lines: read_steps)
@@ -97,16 +97,8 @@ PYTHON_TOOL = _tool(
     "`import eval; eval.read_trace(path)` parses a trace into step records.", {"code": _S}, ["code"])
 
 
-def readme_section(title):
-    """A `## title` section of README.md, up to the next `## ` heading."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index(f"## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end > 0 else None].strip()
-
-
-# How a scaffold is written: the README's section, so the meta-LLM reads what users read.
-SCAFFOLD_API = readme_section("Writing a scaffold")
+# How a scaffold is written: scaffolds/README.md whole, so the meta-LLM reads what users read.
+SCAFFOLD_API = (agent_mod.SCAFFOLDS / "README.md").read_text().strip()
 
 META_SYSTEM = """You improve the scaffold of an LLM game agent whose memory is a folder of files.
 Each step the agent runs LOG (it records what its previous action did, with memory ops) and PLAN
@@ -209,7 +201,7 @@ class Workspace:
         if real != root and root not in real.parents:
             raise ToolError(f"refused {path!r}: outside {head}/")
         if head == "code" and Path(rest).parts and Path(rest).parts[0] not in CODE_ENTRIES:
-            raise ToolError(f"refused {path!r}: code/ shows {', '.join(CODE_FILES)}, scaffolds/, scripts/, tests/")
+            raise ToolError(f"refused {path!r}: code/ shows {', '.join(CODE_FILES)}, docs/, scaffolds/, scripts/, tests/")
         return real
 
     def files(self, path):
@@ -1077,13 +1069,13 @@ def power(args):
     rng = np.random.default_rng(args.seed)
     gains = (0, 2, 5, 10)
     print(f"{'gate episodes':>14}{'false accept':>14}" + "".join(f"{f'P(accept +{g})':>15}" for g in gains[1:])
-          + f"{'old rule':>10}")
+          + f"{'mean higher':>13}")
     for n in sorted(set(args.episodes) | {len(a)}):   # this run's own size too
         draws = rng.choice(null, size=(args.sims, n))
         rates = [float(np.mean(ev.sign_flip_p(draws + g, flips=2000, seed=args.seed) <= args.alpha)) for g in gains]
-        old = float(np.mean(draws.mean(1) > 0))
-        print(f"{n:>14}{rates[0]:>14.3f}" + "".join(f"{r:>15.3f}" for r in rates[1:]) + f"{old:>10.3f}")
-    print("(old rule: accept whenever the candidate's mean is higher, its false-accept rate)")
+        higher = float(np.mean(draws.mean(1) > 0))
+        print(f"{n:>14}{rates[0]:>14.3f}" + "".join(f"{r:>15.3f}" for r in rates[1:]) + f"{higher:>13.3f}")
+    print("(mean higher: the authors' rule, accept whenever the candidate's mean is higher; its false-accept rate)")
     return 0
 
 

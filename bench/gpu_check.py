@@ -94,9 +94,19 @@ def peak():
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
-def compiled_graphs():
+def plan_against(plan, measured):
+    """The memory plan's predicted peak (weights + KV cache) beside the measured one."""
+    planned = plan["weights_gib"] + plan["kv_gib"]
+    return (f"plan {planned:.2f} GiB (weights {plan['weights_gib']:.2f} + KV {plan['kv_gib']:.2f} for "
+            f"{plan['batch_tokens']:,} tokens), measured peak {gib(measured)}: "
+            f"{'within' if measured <= planned * GIB else 'OVER'} the plan")
+
+
+def compiled():
+    """(graphs, frames) torch.compile has built in this process so far; a recompile is one more
+    frame and graph, so both stay put when nothing compiles or recompiles."""
     from torch._dynamo.utils import counters
-    return sum(counters["stats"].values()), sum(counters["recompiles"].values())
+    return counters["stats"]["unique_graphs"], counters["frames"]["ok"]
 
 
 def play_v0(backend, episodes, concurrency, steps, memory, two_model=False):
@@ -129,24 +139,23 @@ def hf_eval(args, out, models):
     """Step 1: 8 episodes batched against 1 at a time; the memory plan against the measured peak."""
     rows = []
     for name, path in models:
-        rates = {}
+        rates, compiled_before = {}, compiled()
         for concurrency in (1, 8):
             peak_reset()
             budget = 8 * (2048 + args.max_new_tokens)
             backend = agent.HFBackend(str(path), max_new_tokens=args.max_new_tokens, batch_tokens=budget, seed=0)
+            backend.generate([agent.Request([{"role": "user", "content": "Warm up."}])])   # first-call costs: untimed
             tokens, seconds = play_v0(backend, 8, concurrency, args.steps, out / f"memory_{name}_{concurrency}")
             rates[concurrency] = tokens / seconds
             measured, plan = peak(), backend.plan
             del backend
-        graphs, recompiles = compiled_graphs()
+        graphs, frames = (now - before for now, before in zip(compiled(), compiled_before))
         rows.append((f"1 HF eval, {name}", f"{rates[1]:.0f} -> {rates[8]:.0f} generated tok/s, 1 -> 8 episodes: "
                      f"{rates[8] / rates[1]:.1f}x"))
         if plan:
-            planned = plan["weights_gib"] + plan["kv_gib"]
-            rows.append((f"1 memory plan, {name}", f"plan {planned:.2f} GiB (weights {plan['weights_gib']:.2f} + "
-                         f"KV {plan['kv_gib']:.2f} for {plan['batch_tokens']:,} tokens), measured peak "
-                         f"{gib(measured)}: {'within' if measured <= planned * GIB else 'OVER'} the plan"))
-        rows.append((f"1 compiled, {name}", f"{graphs} graph(s) compiled, {recompiles} recompile(s)"))
+            rows.append((f"1 memory plan, {name}", plan_against(plan, measured)))
+        rows.append((f"1 compiled, {name}", f"{graphs} graph(s) compiled in {frames} frame(s) "
+                                            "(torch.compile; a recompile adds one of each)"))
     return rows
 
 
@@ -171,8 +180,10 @@ def plan_32b(args, out):
     budget = 8 * (1024 + args.max_new_tokens)
     with built_from_config():
         backend = agent.HFBackend(str(path), max_new_tokens=args.max_new_tokens, batch_tokens=budget, seed=0)
-    prompt = envs.make_env("crafter", seed=0).reset()["text"] * 3
-    requests = [agent.Request([{"role": "user", "content": f"{i}: {prompt}"}]) for i in range(8)]
+    # 284 to 914 tokens: unequal, so the batch is prefilled unpadded into a static cache (the path
+    # the plan's 1.5x is for), and 8 x (914 + 32) fills 90% of the budget, so the peak tests the plan
+    obs = envs.make_env("crafter", seed=0).reset()["text"]
+    requests = [agent.Request([{"role": "user", "content": f"{i}: {obs * (3 + i)}"}]) for i in range(8)]
     lengths = [len(backend.tok(backend.tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False),
                                add_special_tokens=False)["input_ids"]) for r in requests]
     t0 = time.time()
@@ -185,9 +196,7 @@ def plan_32b(args, out):
             + (f", errors: {errors[0]}" if errors else ""))
     rows.append(("2 32B batch ran", text))
     if plan:
-        planned = plan["weights_gib"] + plan["kv_gib"]
-        rows.append(("2 32B memory", f"plan {planned:.2f} GiB (weights {plan['weights_gib']:.2f} + KV "
-                     f"{plan['kv_gib']:.2f}), measured peak {gib(peak())}"))
+        rows.append(("2 32B memory", plan_against(plan, peak())))
     del backend
     peak_reset()
     return rows
@@ -252,6 +261,7 @@ def loop2(args, out, mid):
     rows.append(("4 FSDP save+resume", f"sharding {cfg['sharding']}, checkpoint-2 holds {len(shards)} files "
                  f"({', '.join(shards[:3])}...); {'resumed' if resumed else 'NOT resumed'} to step "
                  f"{cfg['optimizer_steps']}"))
+    rows.append(train_row("4 FSDP resumed run", fsdp))   # the sharded estimate against the measured peak
     return rows
 
 
@@ -291,7 +301,7 @@ def main(argv=None):
     steps = [("1", lambda: hf_eval(args, out, [("tiny-random", agent.tiny_random_path()), ("Qwen2.5-1.5B-shaped", mid)])),
              ("2", lambda: plan_32b(args, out)), ("3-4", lambda: loop2(args, out, mid)),
              ("5", lambda: two_model(args, out, mid))]
-    rows, failed, t_start = [], 0, time.time()
+    rows, failed, t_start, commit = [], 0, time.time(), agent_commit()   # the commit the steps ran
     for name, step in steps:
         t0 = time.time()
         try:
@@ -300,9 +310,12 @@ def main(argv=None):
             failed += 1
             got = [(f"{name} FAILED", f"{type(e).__name__}: {str(e)[:200]}")]
             (out / f"step{name}_traceback.txt").write_text(traceback.format_exc())
-        rows += [(k, v, f"{time.time() - t0:.0f}") for k, v in got]
+        peak_reset()   # a failed step's GPU memory goes back before the next step's processes start
+        for k, v in got:   # as it comes (stderr): a run stopped at its time limit still shows its rows
+            rows.append((k, v, f"{time.time() - t0:.0f}"))
+            print(f"gpu_check: {k}: {v}", file=sys.stderr, flush=True)
     versions = {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "accelerate")}
-    head = (f"GPU check on {device}, commit {agent_commit()}, {time.strftime('%Y-%m-%d')}, "
+    head = (f"GPU check on {device}, commit {commit}, {time.strftime('%Y-%m-%d')}, "
             + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; {time.time() - t_start:.0f} s in all")
     table = [head, "", "| step | result | s |", "|---|---|---|", *(f"| {k} | {v} | {s} |" for k, v, s in rows)]
     (out / "table.md").write_text("\n".join(table) + "\n")
@@ -312,7 +325,11 @@ def main(argv=None):
 
 
 def agent_commit():
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    """HEAD's short hash; "unknown" where the tree is a copy without git (a lent machine's may be)."""
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
     return r.stdout.strip() or "unknown"
 
 

@@ -3,6 +3,9 @@
 #   bash bench/gpu_check.sh --out gpu_check        # on a GPU machine, after bench/gpu_wheels.sh here
 #   bash bench/gpu_check.sh --cpu --out /tmp/gc    # every step a CPU can run, at toy sizes
 # On a machine without internet the packages it lacks come from .whl/ (bench/gpu_wheels.sh fills it).
+# .whl/ and .cache/ (tiny-random) travel with the tree. --out holds GiBs of models: keep it off a
+# folder that is copied back, and bring back its top-level files (logs, table, tracebacks) in one:
+#   bash bench/gpu_check.sh --out /tmp/gc; find /tmp/gc -maxdepth 1 -type f | tar -czf gc.tgz -T -
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

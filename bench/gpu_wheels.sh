@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 LIMIT=$((64 * 1024 * 1024))
 TRANSFORMERS=$("$PYTHON" -c 'import transformers; print(transformers.__version__)')
+PEFT=$("$PYTHON" -c 'import peft; print(peft.__version__)')
 rm -rf .whl && mkdir .whl
 download() {  # pip download for the lent machines' Python and platform, without dependencies
   "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -19,17 +20,18 @@ download() {  # pip download for the lent machines' Python and platform, without
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "$@"
 }
 # transformers and what it needs that the image's older stack lacks (huggingface_hub 2 with httpx2,
-# kernels with tomlkit; hub's hf-xet only downloads, and the image has one); crafter's own needs
+# kernels with tomlkit; hub's hf-xet only downloads, and the image has one); peft at the version
+# this machine runs beside that transformers (the image's is not known); crafter's own needs
 # (ruamel.yaml runs without its C extension); bitsandbytes for --qlora.
-download "transformers==$TRANSFORMERS" "huggingface_hub>=2.4,<3" "httpx2>=2,<3" "httpcore2>=2,<3" truststore \
-  "click>=8.4.2,<9" "kernels>=0.19.1,<0.20" tomlkit opensimplex ruamel.yaml bitsandbytes
+download "transformers==$TRANSFORMERS" "peft==$PEFT" "huggingface_hub>=2.4,<3" "httpx2>=2,<3" "httpcore2>=2,<3" \
+  truststore "click>=8.4.2,<9" "kernels>=0.19.1,<0.20" tomlkit opensimplex ruamel.yaml bitsandbytes
 "$PYTHON" -m pip wheel -q --no-deps crafter==1.8.3 -w .whl   # an sdist only: built here (pure Python)
 AUTOMEM_CACHE=.cache "$PYTHON" -c 'import agent; print("tiny-random ->", agent.tiny_random_path())'
-tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb | tail -1 | cut -f1)  # what travels
 wheels=$(du -cb .whl/*.whl | tail -1 | cut -f1)
-cache=$(du -sb .cache/tiny-random | cut -f1)
+cache=$(du -sb .cache | cut -f1)
 total=$((tree + wheels + cache))
-echo "working tree $((tree / 1024)) KiB + wheels $((wheels / 1024)) KiB + tiny-random $((cache / 1024)) KiB" \
+echo "working tree $((tree / 1024)) KiB + wheels $((wheels / 1024)) KiB + .cache $((cache / 1024)) KiB" \
      "= $((total / 1024 / 1024)) MiB of the 64 MiB a device call may carry"
 if [ "$total" -gt "$LIMIT" ]; then
   echo "gpu_wheels.sh: over 64 MiB: leave out bitsandbytes (the --qlora step then fails alone)" >&2

@@ -2,7 +2,7 @@
 
 A scaffold is scaffold.json (data its policy reads: ops per routine, limits, fallbacks, initial
 memory files), prompts/*.txt (templates with {fields}), policy.py (the step, as plain Python
-against agent.py's episode API: README.md, "Writing a scaffold"), memory/ and CHANGES.md.
+against agent.py's episode API: scaffolds/README.md), memory/ and CHANGES.md.
 policy.py is written by an LLM in loop #1, so it is checked before it runs (`check_policy`: a
 message names the file and line of the first problem), by allowlists (modules and their members,
 builtins, attribute names) rather than by blocking names, and runs with its own builtins and
@@ -125,10 +125,14 @@ PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, list, tuple, d
 def plain_deepcopy(data):
     """copy.deepcopy for plain data (containers of str, numbers, None), which is what a policy keeps
     in ep.state; anything else (the episode object, a function, a module view) is refused, since
-    the real deepcopy would copy the harness objects behind it."""
-    stack = [data]
+    the real deepcopy would copy the harness objects behind it. Each object is checked once, so
+    data that holds itself, or shares a part, is copied as deepcopy copies it."""
+    stack, seen = [data], set()
     while stack:
         x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
         if type(x) not in PLAIN_TYPES:
             raise TypeError(f"copy.deepcopy copies plain data only (containers of str, numbers, None), "
                             f"not {type(x).__name__}")
@@ -188,7 +192,10 @@ def policy_builtins(views, attributes, printed=None):
             raise ImportError(f"policy.py may import only {', '.join(ALLOWED_IMPORTS)}")
         return views[name]
 
-    def policy_print(*values, sep=" ", end="\n"):
+    def policy_print(*values, sep=" ", end="\n", flush=False, **others):
+        if others:
+            raise TypeError(f"print writes into the step's trace line only: it takes sep, end and flush, "
+                            f"not {', '.join(map(repr, others))}")
         if not isinstance(sep, str) or not isinstance(end, str):
             raise TypeError("print: sep and end are strings")
         if printed is None:
@@ -274,10 +281,9 @@ def check_policy(tree, attributes):
                 bad.append((line, f"names starting with '__' are not allowed ({given!r})"))
             if getattr(node, "returns", None) or any(a.annotation for a in _arguments(node.args)):
                 bad.append((line, "annotations are not allowed"))
-        elif isinstance(node, (ast.arg, ast.alias)):
-            given = node.arg if isinstance(node, ast.arg) else node.asname or ""
-            if _dunder(given):
-                bad.append((line, f"names starting with '__' are not allowed ({given!r})"))
+        elif isinstance(node, BINDERS):
+            bad += [(line, f"names starting with '__' are not allowed ({given!r})")
+                    for given in _bound_names(node) if _dunder(given)]
         elif isinstance(node, ast.Attribute):
             module = aliases.get(node.value.id) if isinstance(node.value, ast.Name) else None
             if not isinstance(node.ctx, ast.Load):
@@ -293,9 +299,22 @@ def check_policy(tree, attributes):
         elif isinstance(node, (ast.Try, ast.TryStar)) and node.finalbody:
             bad.append((line, "finally blocks are not allowed: they would run policy code when the harness closes "
                               "a step (a timer, an error elsewhere); put the clean-up after the try/except instead"))
-        elif isinstance(node, ast.ExceptHandler) and node.type is None:
+        if isinstance(node, ast.ExceptHandler) and node.type is None:
             bad.append((line, "a bare except is not allowed (name what you catch: except ValueError)"))
     return bad
+
+
+# Nodes that bind names given as strings, not as ast.Name nodes.
+BINDERS = (ast.arg, ast.alias, ast.ExceptHandler, ast.MatchAs, ast.MatchStar, ast.MatchMapping, ast.Global, ast.Nonlocal)
+
+
+def _bound_names(node):
+    """The names a node binds that are not ast.Name nodes (`except E as x`, a match capture,
+    `global x`): `except E as __builtins__` would delete the policy's builtins when it ends."""
+    if isinstance(node, (ast.Global, ast.Nonlocal)):
+        return node.names
+    given = {ast.arg: "arg", ast.alias: "asname", ast.MatchMapping: "rest"}.get(type(node), "name")
+    return [getattr(node, given) or ""]
 
 
 def _arguments(args):

@@ -29,7 +29,7 @@ ITERATIONS=${ITERATIONS:-$([ -n "$META_BASE_URL" ] && echo 5 || echo 2)}   # the
 MAX_STEPS=${MAX_STEPS:-}                      # cap per episode; empty: the game's own limit
 CONCURRENCY=${CONCURRENCY:-16}
 BASE_URL=${BASE_URL:-}                        # an OpenAI-compatible server (vLLM) serving MODEL; each new
-                                              # adapter is loaded into it (README: serving); empty: HF
+                                              # adapter is loaded into it (docs/loop2.md: Serving); empty: HF
 TRAIN_ARGS=${TRAIN_ARGS:-}                    # extra train_lora.py flags, e.g. "--save-every 50 --qlora"
 LAUNCH=${LAUNCH:-}                            # training: e.g. "accelerate launch --config_file scripts/accelerate/fsdp.yaml"
                                               # or "torchrun --nproc_per_node 8"; empty: one process ($PYTHON).

@@ -436,6 +436,18 @@ def test_padded_batch_generates_what_each_prompt_generates_alone(adapter_dir, mo
     assert not both.unpadded_prefill and [r.text for r in fallback] == [r.text for r in together]
 
 
+def test_batched_generate_says_nothing_deprecated(monkeypatch):
+    """The unpadded prefill names the cache as this transformers version does, in generate's
+    keyword and in the model's output, so no deprecation warning is printed."""
+    import logging
+    import transformers.utils.logging  # noqa: F401  (gives logging.Logger its warning_once)
+    said = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: said.append(msg))
+    backend = HFBackend("tiny-random", max_new_tokens=2, temperature=0)
+    backend.generate([Request([{"role": "user", "content": text}], "base") for text in ("short", "longer " * 20)])
+    assert backend.unpadded_prefill and not [m for m in said if "deprecated" in m]
+
+
 def test_plan_may_only_offer_read_ops(tmp_path):
     """The LOG-after-observation invariant holds for a scaffold's own ops too: a routine that
     commits the action cannot be given one that writes."""

@@ -688,3 +688,9 @@ def test_same_seed_same_episode_across_processes(env, task, steps, request):
     other = subprocess.run([sys.executable, "-c", code.replace("seed=42", "seed=43")],
                            capture_output=True, text=True, check=True).stdout.strip()
     assert other != digests[0]
+
+
+def test_code_and_data_cite_nothing_outside_the_repository():
+    """A fork has no ../shared/: code and data name the paper or files of their own."""
+    files = [*ROOT.glob("*.py"), *(ROOT / "scaffolds").glob("*.py"), *(ROOT / "data").iterdir()]
+    assert [f.name for f in files if "../shared" in f.read_text(errors="replace")] == []

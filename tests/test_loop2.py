@@ -124,6 +124,15 @@ def test_training_seeds_are_the_authors_draw():
     assert r.returncode == 0 and r.stdout.strip() == ",".join(map(str, expected[:3]))
 
 
+@pytest.mark.parametrize("flags", [["--n", "-3"], ["--n", "0"], ["--n", "10", "--skip", "-5"]])
+def test_seeds_refuses_counts_that_draw_nothing_or_the_wrong_seeds(flags, capsys):
+    """A negative --skip would hand back the last draws in place of n seeds; --n below 1 draws nothing."""
+    with pytest.raises(SystemExit) as e:
+        cs.main(["seeds", *flags])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "curate_sft.py seeds: error: --n must be at least 1 and --skip at least 0\n"
+
+
 def test_curation_refuses_report_seed_episodes(tmp_path, capsys):
     run = tmp_path / "on_report_seeds"
     with ScriptedServer(deterministic_model) as server:

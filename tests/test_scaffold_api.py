@@ -381,6 +381,12 @@ HOSTILE = {
                                            2, "finally blocks are not allowed"),
     "a bare except catches the harness's timer": ("def step(ep):\n    try:\n        return None\n    except:\n        pass\n",
                                                   4, "a bare except is not allowed"),
+    "__builtins__ deleted by the end of an except": ("try:\n    pass\nexcept ValueError as __builtins__:\n    pass\n", 3,
+                                                     "names starting with '__' are not allowed ('__builtins__')"),
+    "__builtins__ bound by a match capture": ("match {}:\n    case {**__builtins__}:\n        pass\n", 2,
+                                              "names starting with '__' are not allowed ('__builtins__')"),
+    "__builtins__ rebound through global": ("def step(ep):\n    global __builtins__\n    return None\n", 2,
+                                            "names starting with '__' are not allowed ('__builtins__')"),
     "an annotated assignment": ("def step(ep):\n    x: 'int' = 1\n    return None\n", 2, "annotations are not allowed"),
     "a return annotation": ("def step(ep) -> 'int':\n    return None\n", 1, "annotations are not allowed"),
 }
@@ -411,7 +417,7 @@ def test_the_checker_takes_the_authors_idioms_and_they_open_nothing(tmp_path):
         def step(ep):
             ep.state.setdefault("notes", {"seen": []})
             ep.state["notes"] = _plan_note(ep, ep.state["notes"])
-            print("step", ep.step, sep="=", end=";")
+            print("step", ep.step, sep="=", end=";", flush=True)
             print(hasattr(ep, "step"), hasattr(ep, "_agent"), hasattr(ep, "_fixed"), hasattr("", "__class__"))
             for probe in (lambda: copy.deepcopy(ep), lambda: copy.deepcopy({"f": ep.read}),
                           lambda: copy.deepcopy([copy]), lambda: print("x", file=ep)):
@@ -433,6 +439,20 @@ def test_the_checker_takes_the_authors_idioms_and_they_open_nothing(tmp_path):
                                "copy.copy is not available to a policy")):
         with pytest.raises(ScaffoldError, match=rf"policy.py:{line}: {re.escape(why)}"):
             load_scaffold(mini(tmp_path / str(line) / why[:9].replace(" ", "_"), source))
+
+
+def test_deepcopy_copies_data_that_holds_itself_or_shares_parts():
+    looped = {"seen": []}
+    looped["seen"].append(looped)
+    copied = scaffolds.plain_deepcopy(looped)
+    assert copied is not looped and copied["seen"][0] is copied
+    shared = [1]
+    for _ in range(60):          # 2**60 paths to the same few lists
+        shared = [shared, shared]
+    copied = scaffolds.plain_deepcopy(shared)
+    assert copied is not shared and copied[0] is copied[1]
+    with pytest.raises(TypeError, match="plain data only"):
+        scaffolds.plain_deepcopy([shared, [looped, print]])
 
 
 def test_a_print_flood_is_cut_in_the_trace(tmp_path):
@@ -460,9 +480,11 @@ def test_a_scaffolds_files_are_its_own(tmp_path):
 
 
 def test_the_readme_example_runs(tmp_path):
-    """README.md's "Writing a scaffold" example, as written, loads and plays."""
+    """scaffolds/README.md's example, as written (and as the meta-LLM reads it), loads and plays."""
     import meta_scaffold
-    example = re.search(r"```python\n(.*?)```", meta_scaffold.SCAFFOLD_API, re.S).group(1)
+    api = (scaffolds.SCAFFOLDS / "README.md").read_text().strip()
+    assert api.startswith("# Writing a scaffold") and api in meta_scaffold.META_SYSTEM
+    example = re.search(r"```python\n(.*?)```", api, re.S).group(1)
     d = mini(tmp_path, example, ops={"plan": ["READ", "SEARCH", "ACTION"]},
              prompts={"plan": "{observation}\nMemory: {files}\nAct: <|ACTION|>name<|END|>"})
     answers = iter(["<|SEARCH|>notes.txt|tree<|END|>", "<|ACTION|>go Move West<|END|>"] * 2)
