@@ -26,6 +26,7 @@ A loop folder holds loop1_log.jsonl, gate/<version>/ and report/<version>/ runs,
 import argparse
 import ast
 import difflib
+import fcntl
 import itertools
 import json
 import os
@@ -871,6 +872,35 @@ def opening_problem(messages, tools, context, source, reply_tokens):
             f"({source}) less --meta-max-tokens {reply_tokens:,}: use a model with a longer context")
 
 
+def claim_staging(staging):
+    """An open file holding this process's lock on `staging` (the lock dies with the process),
+    after removing every other staging folder beside it that no live proposal holds: a killed
+    proposal (SIGKILL runs no clean-up) leaves one behind, and the next one clears it."""
+    held = None
+    for folder in sorted({*staging.parent.glob("*" + STAGING), staging}):
+        lock = open(f"{folder}.lock", "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:    # a live proposal's
+            lock.close()
+            if folder == staging:
+                raise RuntimeError(f"another proposal is writing {staging.name} now") from None
+            continue
+        if folder == staging:
+            held = lock
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            Path(f"{folder}.lock").unlink(missing_ok=True)
+            lock.close()
+    return held
+
+
+def release_staging(staging, lock):
+    shutil.rmtree(staging, ignore_errors=True)     # a kept revision was moved to its name already
+    Path(f"{staging}.lock").unlink(missing_ok=True)
+    lock.close()
+
+
 def propose(args):
     deadline = time.time() + args.max_wall
     parent = agent_mod.load_scaffold(args.scaffold)
@@ -909,6 +939,7 @@ def propose(args):
     slot = {"iteration": args.iteration, "attempt": args.attempt, "parent": str(parent.path.resolve()),
             "candidate": str(out)}
     problem, analysis = "no attempt made", None
+    lock = claim_staging(staging)
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(parent.path, staging, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     stamp_lineage(staging, parent.name, out.name)
@@ -947,7 +978,7 @@ def propose(args):
         transcript.append({"event": "stopped", "by": type(e).__name__})
         raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)     # kept revisions were moved to `out` already
+        release_staging(staging, lock)
         out.with_name(out.name + ".transcript.json").write_text(json.dumps(transcript, indent=1, ensure_ascii=False))
         if analysis:
             analysis_path(out).write_text(analysis.strip() + "\n")

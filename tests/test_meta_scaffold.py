@@ -875,3 +875,24 @@ def test_listing_and_grep_see_only_the_allowlist_and_follow_no_link(tmp_path, ba
     assert ws.call("grep", {"pattern": "leaked", "path": "run"}) == "(no match)"
     with pytest.raises(ms.ToolError, match="^refused"):
         ws.call("read_file", {"path": "run/leak.txt"})
+
+
+def test_a_killed_proposals_staging_is_cleared_by_the_next_and_a_live_ones_is_kept(tmp_path):
+    """SIGKILL runs no clean-up: the next proposal removes staging folders that no live process
+    locks, and leaves a running proposal's alone."""
+    (tmp_path / "v3.staging").mkdir()
+    (tmp_path / "v3.staging" / "policy.py").write_text("def step(ep):\n    return None\n")
+    (tmp_path / "v4.staging").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\n"
+                               "fcntl.flock(f, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)",
+                               str(tmp_path / "v4.staging.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        lock = ms.claim_staging(tmp_path / "v5.staging")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["v4.staging", "v4.staging.lock", "v5.staging.lock"]
+        with pytest.raises(RuntimeError, match="another proposal is writing v4.staging now"):
+            ms.claim_staging(tmp_path / "v4.staging")
+        ms.release_staging(tmp_path / "v5.staging", lock)
+        assert not (tmp_path / "v5.staging.lock").exists()
+    finally:
+        holder.kill()
