@@ -1,7 +1,8 @@
 """The authors' converged scaffolds (crafter_v5, minihack_v4, nethack_v2) on real models, each on
-its own game: tiny-random plays two steps (LOG too) one-model and two-model; SmolLM2-135M, a real
-instruct model, plays one step two-model (the specialist consults through a LoRA adapter, the base
-model commits). One backend per model serves all of them, batched. The behaviours themselves are
+its own game: tiny-random plays two steps (LOG too) one-model and two-model (the specialist
+consults through a LoRA adapter, the base model commits); SmolLM2-135M, a real instruct model,
+plays one step of each (its ~2,000-token prompts cost about 20 CPU-seconds each here). One
+backend per model serves all of them, batched. The behaviours themselves are
 asserted with scripted replies in each scaffold's own test file."""
 import pytest
 
@@ -26,7 +27,7 @@ def random_adapter(model, folder):
     return str(folder)
 
 
-@pytest.mark.parametrize("model,steps,modes", [("tiny-random", 2, (False, True)), ("smollm2-135m", 1, (True,))])
+@pytest.mark.parametrize("model,steps,modes", [("tiny-random", 2, (False, True)), ("smollm2-135m", 1, (False,))])
 def test_converged_scaffolds_play_on_real_models(tmp_path, model, steps, modes):
     try:
         model_path(model)

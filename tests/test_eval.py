@@ -355,7 +355,7 @@ def test_help_lists_every_subcommand_and_run_is_the_default(capsys):
     with pytest.raises(SystemExit) as shown:
         ev.main(["--help"])
     listed = re.findall(r"^    (\S+) ", capsys.readouterr().out.split("\nsubcommands (")[1], re.M)
-    assert shown.value.code == 0 and listed == ["run", "summarize", "report", "replay"] == list(ev.COMMANDS)
+    assert shown.value.code == 0 and listed == ["run", "summarize", "report", "table", "replay"] == list(ev.COMMANDS)
     parse = ev.build_parser().parse_args
     assert parse(["--env", "crafter", "--scaffold", "v3"]) == parse(["run", "--env", "crafter", "--scaffold", "v3"])
     assert parse(["--env", "crafter"]).command == "run" and parse(["summarize", "runs/A"]).command == "summarize"
