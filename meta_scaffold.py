@@ -877,6 +877,7 @@ def claim_staging(staging):
     after removing every other staging folder beside it that no live proposal holds: a killed
     proposal (SIGKILL runs no clean-up) leaves one behind, and the next one clears it."""
     held = None
+    staging.parent.mkdir(parents=True, exist_ok=True)
     for folder in sorted({*staging.parent.glob("*" + STAGING), staging}):
         lock = open(f"{folder}.lock", "a")
         try:
